@@ -1,0 +1,227 @@
+//! Start-up and shutdown of one coordinator: `Application::build` connects
+//! and migrates (bounded retries), binds the listener; `run_until_stopped`
+//! runs the HTTP server, the outbox relay, the reply consumer and the
+//! sweeper until the token is cancelled, then drains them all.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use skald_engine::RetryPolicy;
+use skald_wire::amqp::{QueueType, Topology};
+use skald_wire::faults::Faults;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::http::{ApiState, router};
+use crate::manager::{ReplyConsumer, Sweeper};
+use crate::sagas::{Registry, order_saga};
+use crate::store::Store;
+
+pub const BODY_LIMIT_DEFAULT: usize = 64 * 1024;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/coordinator");
+
+/// Coordinator settings; every field is an environment variable (see `--help`).
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "coordinator", version, about = "Skald coordinator: HTTP API, saga engine, outbox relay, timeout sweeper")]
+pub struct Config {
+    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/skald")]
+    pub database_url: String,
+    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    pub amqp_url: String,
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+    #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    pub http_addr: SocketAddr,
+    /// PostgreSQL connections in the pool.
+    #[arg(long, env = "DB_POOL_SIZE", default_value_t = 10)]
+    pub db_pool_size: u32,
+    /// Unacknowledged replies the broker may push to this coordinator.
+    #[arg(long, env = "REPLY_PREFETCH", default_value_t = 256)]
+    pub reply_prefetch: u16,
+    /// Replies applied in one transaction at most.
+    #[arg(long, env = "REPLY_BATCH", default_value_t = 128)]
+    pub reply_batch: usize,
+    /// Outbox rows published per batch.
+    #[arg(long, env = "RELAY_BATCH", default_value_t = 256)]
+    pub relay_batch: i64,
+    /// How often the relay looks for rows written by other processes.
+    #[arg(long, env = "RELAY_POLL_MS", default_value_t = 200)]
+    pub relay_poll_ms: u64,
+    /// How often the sweeper looks for expired deadlines and ended backoffs.
+    #[arg(long, env = "SWEEP_INTERVAL_MS", default_value_t = 200)]
+    pub sweep_interval_ms: u64,
+    /// Deadline of one step attempt.
+    #[arg(long, env = "STEP_TIMEOUT_MS", default_value_t = 10_000)]
+    pub step_timeout_ms: u64,
+    /// Attempts per step (the first included) before the saga compensates.
+    #[arg(long, env = "STEP_MAX_ATTEMPTS", default_value_t = 5)]
+    pub step_max_attempts: u32,
+    /// First retry backoff; it doubles up to RETRY_MAX_BACKOFF_MS, with jitter.
+    #[arg(long, env = "RETRY_BACKOFF_MS", default_value_t = 100)]
+    pub retry_backoff_ms: u64,
+    #[arg(long, env = "RETRY_MAX_BACKOFF_MS", default_value_t = 5_000)]
+    pub retry_max_backoff_ms: u64,
+    /// `classic` or `quorum` (for a RabbitMQ cluster).
+    #[arg(long, env = "AMQP_QUEUE_TYPE", default_value = "classic")]
+    pub queue_type: QueueType,
+    /// Bearer token for operator actions; unset disables them.
+    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Largest accepted request body, in bytes.
+    #[arg(long, env = "HTTP_BODY_LIMIT", default_value_t = BODY_LIMIT_DEFAULT)]
+    pub body_limit: usize,
+    /// Failure injection, e.g. `coordinator.crash_after_commit=0.01`. Off by default.
+    #[arg(long, env = "SKALD_FAULTS", default_value = "")]
+    pub faults: String,
+    /// Start-up connection attempts before giving up.
+    #[arg(long, env = "STARTUP_RETRIES", default_value_t = 8)]
+    pub startup_retries: usize,
+}
+
+impl Config {
+    /// The defaults, as if no variable were set (tests start from this).
+    pub fn local() -> Self {
+        <Self as clap::Parser>::parse_from(["coordinator"])
+    }
+
+    pub fn registry(&self) -> anyhow::Result<Registry> {
+        let retry = RetryPolicy {
+            max_attempts: self.step_max_attempts.max(1),
+            initial_backoff: Duration::from_millis(self.retry_backoff_ms),
+            max_backoff: Duration::from_millis(self.retry_max_backoff_ms),
+            multiplier: 2.0,
+        };
+        let def = order_saga(Duration::from_millis(self.step_timeout_ms), retry).context("order saga definition")?;
+        Ok(Registry::default().with(def))
+    }
+}
+
+pub struct Application {
+    config: Config,
+    listener: tokio::net::TcpListener,
+    store: Store,
+    registry: Registry,
+    faults: Faults,
+    relay_wake: Arc<Notify>,
+}
+
+impl Application {
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let faults = Faults::parse(&config.faults, &["coordinator"])?;
+        let registry = config.registry()?;
+        let pool = skald_wire::db::connect_and_migrate(
+            &config.database_url,
+            config.db_pool_size,
+            &MIGRATOR,
+            config.startup_retries,
+        )
+        .await
+        .context("coordinator database")?;
+        let topology = Topology {
+            queue_type: config.queue_type,
+            delivery_limit: None,
+        };
+        let participants = registry.participants();
+        let names: Vec<&str> = participants.iter().map(String::as_str).collect();
+        let never = CancellationToken::new();
+        let conn = skald_wire::amqp::connect_with_backoff(
+            &config.amqp_url,
+            "skald-coordinator-start",
+            &topology,
+            &names,
+            Some(config.startup_retries),
+            &never,
+        )
+        .await
+        .with_context(|| format!("RabbitMQ at {}", skald_wire::db::redact(&config.amqp_url)))?;
+        let _ = conn.close(200, "start-up checks done".into()).await;
+        let listener = tokio::net::TcpListener::bind(config.http_addr)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.http_addr))?;
+        let relay_wake = Arc::new(Notify::new());
+        let store = Store::new(pool, registry.clone(), relay_wake.clone(), faults.clone());
+        Ok(Self {
+            config,
+            listener,
+            store,
+            registry,
+            faults,
+            relay_wake,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Runs until `shutdown` is cancelled; then stops taking requests and
+    /// messages, finishes what is in flight, and returns.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let c = &self.config;
+        let topology = Topology {
+            queue_type: c.queue_type,
+            delivery_limit: None,
+        };
+        let tasks = TaskTracker::new();
+        tasks.spawn(
+            skald_wire::outbox::Relay {
+                pool: self.store.pool().clone(),
+                amqp_url: c.amqp_url.clone(),
+                name: "skald-coordinator-relay".to_owned(),
+                topology: topology.clone(),
+                participants: self.registry.participants(),
+                wake: self.relay_wake.clone(),
+                batch_size: c.relay_batch,
+                poll_interval: Duration::from_millis(c.relay_poll_ms),
+                faults: self.faults.clone(),
+            }
+            .run(shutdown.child_token()),
+        );
+        tasks.spawn(
+            ReplyConsumer {
+                store: self.store.clone(),
+                amqp_url: c.amqp_url.clone(),
+                topology,
+                participants: self.registry.participants(),
+                prefetch: c.reply_prefetch,
+                batch_max: c.reply_batch.max(1),
+            }
+            .run(shutdown.child_token()),
+        );
+        tasks.spawn(
+            Sweeper {
+                store: self.store.clone(),
+                interval: Duration::from_millis(c.sweep_interval_ms),
+                batch: 200,
+            }
+            .run(shutdown.child_token()),
+        );
+        tasks.close();
+        let state = ApiState {
+            store: self.store.clone(),
+            amqp_url: c.amqp_url.as_str().into(),
+            redis_url: c.redis_url.as_str().into(),
+            admin_token: c.admin_token.as_deref().filter(|t| !t.is_empty()).map(Into::into),
+            body_limit: c.body_limit,
+        };
+        tracing::info!(addr = %self.listener.local_addr()?, "coordinator listening");
+        let http_shutdown = shutdown.clone();
+        axum::serve(self.listener, router(state))
+            .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
+            .await
+            .context("HTTP server")?;
+        shutdown.cancel();
+        tasks.wait().await;
+        self.store.pool().close().await;
+        tracing::info!("coordinator stopped");
+        Ok(())
+    }
+}

@@ -1,0 +1,20 @@
+use clap::Parser;
+use skald_coordinator::{Application, Config};
+use tokio_util::sync::CancellationToken;
+
+#[tokio::main]
+async fn main() {
+    skald_wire::telemetry::init("info,sqlx=warn,lapin=warn");
+    let config = Config::parse();
+    let shutdown = CancellationToken::new();
+    tokio::spawn(skald_wire::shutdown::cancel_on_signal(shutdown.clone()));
+    let result = async {
+        let app = Application::build(config).await?;
+        app.run_until_stopped(shutdown).await
+    }
+    .await;
+    if let Err(e) = result {
+        eprintln!("coordinator: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,213 @@
+//! The coordinator's background loops: the reply consumer (replies ->
+//! engine -> store, acked only after the commit) and the timeout sweeper.
+
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use futures::{FutureExt, StreamExt};
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions};
+use lapin::types::FieldTable;
+use skald_engine::{Event, Outcome};
+use skald_wire::amqp::{self, Publisher, Topology};
+use skald_wire::contract::{REPLIES_QUEUE, ReplyEnvelope, ReplyOutcome};
+use tokio_util::sync::CancellationToken;
+
+use crate::store::{ReplyEvent, Store, Verdict};
+
+/// Consumes `skald.coordinator.replies` until shut down, reconnecting with
+/// backoff whenever RabbitMQ goes away.
+pub struct ReplyConsumer {
+    pub store: Store,
+    pub amqp_url: String,
+    pub topology: Topology,
+    pub participants: Vec<String>,
+    pub prefetch: u16,
+    /// Replies applied in one PostgreSQL transaction at most.
+    pub batch_max: usize,
+}
+
+impl ReplyConsumer {
+    #[tracing::instrument(name = "reply_consumer", skip_all)]
+    pub async fn run(self, shutdown: CancellationToken) {
+        let participants: Vec<&str> = self.participants.iter().map(String::as_str).collect();
+        while !shutdown.is_cancelled() {
+            let Ok(conn) = amqp::connect_with_backoff(
+                &self.amqp_url,
+                "skald-coordinator-replies",
+                &self.topology,
+                &participants,
+                None,
+                &shutdown,
+            )
+            .await
+            else {
+                break;
+            };
+            if let Err(e) = self.consume(&conn, &shutdown).await {
+                tracing::warn!(error = %e, "reply consumer lost its channel; reconnecting");
+            }
+            let _ = conn.close(200, "reply consumer stopping".into()).await;
+        }
+        tracing::info!("reply consumer stopped");
+    }
+
+    async fn consume(&self, conn: &lapin::Connection, shutdown: &CancellationToken) -> Result<(), amqp::Error> {
+        let channel = amqp::consumer_channel(conn, self.prefetch).await?;
+        let dead_letters = Publisher::open(conn).await?;
+        let mut consumer = channel
+            .basic_consume(
+                REPLIES_QUEUE.into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        loop {
+            let first = tokio::select! {
+                d = consumer.next() => d,
+                () = shutdown.cancelled() => {
+                    let _ = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await;
+                    return Ok(());
+                }
+            };
+            let mut batch = match first {
+                Some(d) => vec![d?],
+                None => return Ok(()),
+            };
+            while batch.len() < self.batch_max {
+                match consumer.next().now_or_never() {
+                    Some(Some(Ok(d))) => batch.push(d),
+                    Some(Some(Err(e))) => return Err(e.into()),
+                    _ => break,
+                }
+            }
+            self.process(&batch, &dead_letters, shutdown).await?;
+        }
+    }
+
+    /// Applies a batch and acks it. Unacked deliveries (an error here, a
+    /// shutdown while the database is down) are redelivered by the broker.
+    async fn process(
+        &self,
+        batch: &[Delivery],
+        dead_letters: &Publisher,
+        shutdown: &CancellationToken,
+    ) -> Result<(), amqp::Error> {
+        let mut events = Vec::with_capacity(batch.len());
+        let mut positions = Vec::with_capacity(batch.len());
+        for (i, d) in batch.iter().enumerate() {
+            match decode(d) {
+                Ok(ev) => {
+                    events.push(ev);
+                    positions.push(i);
+                }
+                Err(reason) => amqp::dead_letter(dead_letters, d, REPLIES_QUEUE, &reason).await?,
+            }
+        }
+        if !events.is_empty() {
+            let Some(verdicts) = self.apply_with_retry(&events, shutdown).await else {
+                return Ok(()); // shutting down: leave them unacked
+            };
+            for ((verdict, &i), ev) in verdicts.iter().zip(&positions).zip(&events) {
+                match verdict {
+                    Verdict::Poison(reason) => amqp::dead_letter(dead_letters, &batch[i], REPLIES_QUEUE, reason).await?,
+                    Verdict::Ignored(why) => tracing::debug!(saga_id = %ev.saga_id, why, "reply ignored"),
+                    Verdict::Applied => {}
+                }
+            }
+        }
+        if let Some(last) = batch.last() {
+            last.acker
+                .ack(BasicAckOptions { multiple: true })
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Retries transient database errors with backoff until they pass or
+    /// shutdown; a permanent error on a batch is retried reply by reply so
+    /// that only the culprit is dead-lettered.
+    async fn apply_with_retry(&self, events: &[ReplyEvent], shutdown: &CancellationToken) -> Option<Vec<Verdict>> {
+        let policy = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(50))
+            .with_max_delay(Duration::from_secs(3))
+            .with_jitter()
+            .without_max_times();
+        let attempt = || async { self.store.apply_replies(events).await };
+        let result = tokio::select! {
+            r = attempt
+                .retry(policy)
+                .when(|e: &crate::store::Error| e.is_transient())
+                .notify(|e, wait| tracing::warn!(error = %e, ?wait, "cannot apply replies; retrying")) => r,
+            () = shutdown.cancelled() => return None,
+        };
+        match result {
+            Ok(v) => Some(v),
+            Err(e) if events.len() == 1 => Some(vec![Verdict::Poison(e.to_string())]),
+            Err(e) => {
+                tracing::warn!(error = %e, "batch refused; applying replies one by one");
+                let mut verdicts = Vec::with_capacity(events.len());
+                for ev in events {
+                    let one = Box::pin(self.apply_with_retry(std::slice::from_ref(ev), shutdown)).await?;
+                    verdicts.extend(one);
+                }
+                Some(verdicts)
+            }
+        }
+    }
+}
+
+fn decode(d: &Delivery) -> Result<ReplyEvent, String> {
+    let reply: ReplyEnvelope =
+        serde_json::from_slice(&d.data).map_err(|e| format!("undecodable reply: {e}"))?;
+    let outcome = match reply.outcome {
+        ReplyOutcome::Success => Outcome::Success { data: reply.data },
+        ReplyOutcome::Failure => Outcome::Failure {
+            retryable: reply.retryable,
+            reason: reply.reason.unwrap_or_else(|| "no reason given".to_owned()),
+        },
+    };
+    Ok(ReplyEvent {
+        saga_id: reply.saga_id,
+        event: Event::Reply {
+            step: reply.step,
+            attempt: reply.attempt,
+            kind: reply.kind,
+            outcome,
+        },
+    })
+}
+
+/// Feeds ticks to sagas whose deadline or backoff has passed.
+pub struct Sweeper {
+    pub store: Store,
+    pub interval: Duration,
+    pub batch: i64,
+}
+
+impl Sweeper {
+    #[tracing::instrument(name = "sweeper", skip_all)]
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut failures = 0u32;
+        while !shutdown.is_cancelled() {
+            let wait = match self.store.sweep(self.batch).await {
+                Ok(n) if n as i64 >= self.batch => continue,
+                Ok(_) => {
+                    failures = 0;
+                    self.interval
+                }
+                Err(e) => {
+                    failures += 1;
+                    tracing::warn!(error = %e, failures, "sweep failed");
+                    Duration::from_millis((100u64 << failures.min(5)).min(3_000))
+                }
+            };
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = shutdown.cancelled() => {}
+            }
+        }
+        tracing::info!("sweeper stopped");
+    }
+}

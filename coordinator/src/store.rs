@@ -1,0 +1,500 @@
+//! The saga store: every transition is computed by the pure engine and
+//! written, with the commands it causes (outbox rows), in one PostgreSQL
+//! transaction. Rows are locked `FOR UPDATE` (replies, operator actions) or
+//! claimed `FOR UPDATE SKIP LOCKED` (the sweeper), so any number of
+//! coordinators can share the database without processing a saga twice.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use rand::Rng;
+use serde_json::{Value, json};
+use skald_engine::{Applied, CommandSpec, Ctx, EngineError, Event, SagaDefinition, SagaState, SagaStatus, Transition};
+use skald_wire::amqp::OutgoingMessage;
+use skald_wire::contract::{COMMANDS_EXCHANGE, CommandEnvelope};
+use skald_wire::faults::Faults;
+use sqlx::{PgConnection, PgPool, Row};
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+use crate::domain::{IdempotencyKey, NewOrder};
+use crate::sagas::Registry;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("outbox: {0}")]
+    Outbox(#[from] skald_wire::outbox::Error),
+    #[error("Idempotency-Key {0:?} was already used with another request body")]
+    IdempotencyConflict(String),
+    #[error("saga {0} not found")]
+    SagaNotFound(Uuid),
+    #[error("no definition for saga type {0:?}")]
+    UnknownSagaType(String),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("stored saga state is unreadable: {0}")]
+    CorruptState(#[from] serde_json::Error),
+}
+
+impl Error {
+    /// Worth retrying (the database may come back); the rest are permanent.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Error::Db(_) | Error::Outbox(skald_wire::outbox::Error::Db(_)))
+    }
+}
+
+/// The ids of an order and of the saga that runs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct OrderRef {
+    pub order_id: Uuid,
+    pub saga_id: Uuid,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Created {
+    New(OrderRef),
+    /// The same `Idempotency-Key` and body were seen before: the same ids.
+    Replayed(OrderRef),
+}
+
+/// A participant's reply, decoded, to feed to the engine.
+#[derive(Debug, Clone)]
+pub struct ReplyEvent {
+    pub saga_id: Uuid,
+    pub event: Event,
+}
+
+/// What became of one reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Applied,
+    Ignored(&'static str),
+    /// Cannot ever be processed (unknown saga or step): dead-letter it.
+    Poison(String),
+}
+
+/// A saga as stored.
+#[derive(Debug, Clone)]
+pub struct SagaRecord {
+    pub id: Uuid,
+    pub saga_type: String,
+    pub status: SagaStatus,
+    pub state: SagaState,
+    pub payload: Value,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// An order as the API shows it; its status follows its saga.
+#[derive(Debug, Clone)]
+pub struct OrderRecord {
+    pub order_id: Uuid,
+    pub saga_id: Uuid,
+    pub saga_status: SagaStatus,
+    pub customer_id: String,
+    pub currency: String,
+    pub total_cents: i64,
+    pub items: Value,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pool: PgPool,
+    registry: Registry,
+    /// Wakes the outbox relay after a commit that wrote commands.
+    relay_wake: Arc<Notify>,
+    faults: Faults,
+}
+
+struct Loaded {
+    id: Uuid,
+    def: Arc<SagaDefinition>,
+    state: SagaState,
+    payload: Value,
+    changed: bool,
+    commands: Vec<CommandSpec>,
+}
+
+fn ctx() -> Ctx {
+    Ctx {
+        now: Utc::now(),
+        jitter: rand::rng().random::<f64>(),
+    }
+}
+
+impl Store {
+    pub fn new(pool: PgPool, registry: Registry, relay_wake: Arc<Notify>, faults: Faults) -> Self {
+        Self {
+            pool,
+            registry,
+            relay_wake,
+            faults,
+        }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Records an order and starts its saga, with its first command in the outbox.
+    #[tracing::instrument(skip_all, fields(customer = order.customer_id.as_str()))]
+    pub async fn create_order(
+        &self,
+        order: &NewOrder,
+        key: Option<&IdempotencyKey>,
+        request_hash: &str,
+    ) -> Result<Created> {
+        let def = self.definition("order")?;
+        let ids = OrderRef {
+            order_id: Uuid::now_v7(),
+            saga_id: Uuid::now_v7(),
+        };
+        let mut tx = self.pool.begin().await?;
+        if let Some(key) = key {
+            // The unique key is the lock: a concurrent request with the same key waits here.
+            let inserted = sqlx::query(
+                "INSERT INTO idempotency_keys (key, request_hash, order_id, saga_id) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (key) DO NOTHING",
+            )
+            .bind(key.as_str())
+            .bind(request_hash)
+            .bind(ids.order_id)
+            .bind(ids.saga_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if inserted == 0 {
+                let row = sqlx::query("SELECT request_hash, order_id, saga_id FROM idempotency_keys WHERE key = $1")
+                    .bind(key.as_str())
+                    .fetch_one(&mut *tx)
+                    .await?;
+                tx.rollback().await?;
+                let stored: String = row.try_get("request_hash")?;
+                if stored != request_hash {
+                    return Err(Error::IdempotencyConflict(key.as_str().to_owned()));
+                }
+                return Ok(Created::Replayed(OrderRef {
+                    order_id: row.try_get("order_id")?,
+                    saga_id: row.try_get("saga_id")?,
+                }));
+            }
+        }
+        let payload = json!({
+            "order_id": ids.order_id,
+            "customer_id": order.customer_id,
+            "currency": order.currency,
+            "items": order.items,
+            "total_cents": order.total_cents,
+        });
+        let ctx = ctx();
+        let t = skald_engine::start(&def, ctx);
+        sqlx::query(
+            "INSERT INTO sagas (id, saga_type, status, state, payload, wake_at, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $7)",
+        )
+        .bind(ids.saga_id)
+        .bind(def.name())
+        .bind(t.state.status.as_str())
+        .bind(serde_json::to_value(&t.state)?)
+        .bind(&payload)
+        .bind(t.state.wake_at)
+        .bind(ctx.now)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO orders (order_id, saga_id, customer_id, currency, total_cents, items, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(ids.order_id)
+        .bind(ids.saga_id)
+        .bind(order.customer_id.as_str())
+        .bind(order.currency.as_str())
+        .bind(order.total_cents.get())
+        .bind(serde_json::to_value(&order.items)?)
+        .bind(ctx.now)
+        .execute(&mut *tx)
+        .await?;
+        let messages: Vec<OutgoingMessage> = t
+            .commands
+            .iter()
+            .map(|c| command_message(ids.saga_id, &payload, c))
+            .collect();
+        skald_wire::outbox::insert(&mut tx, &messages).await?;
+        tx.commit().await?;
+        self.after_commit();
+        tracing::info!(saga_id = %ids.saga_id, order_id = %ids.order_id, "saga started");
+        Ok(Created::New(ids))
+    }
+
+    /// Applies a batch of replies in one transaction. Returns a verdict per reply, in order.
+    #[tracing::instrument(skip_all, fields(replies = replies.len()))]
+    pub async fn apply_replies(&self, replies: &[ReplyEvent]) -> Result<Vec<Verdict>> {
+        let mut ids: Vec<Uuid> = replies.iter().map(|r| r.saga_id).collect();
+        ids.sort();
+        ids.dedup();
+        let mut tx = self.pool.begin().await?;
+        // Sorted ids: two coordinators locking overlapping batches cannot deadlock.
+        let rows = sqlx::query(
+            "SELECT id, saga_type, state, payload FROM sagas WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+        )
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut loaded = HashMap::with_capacity(rows.len());
+        for row in rows {
+            let l = self.load(&row)?;
+            loaded.insert(l.id, l);
+        }
+        let ctx = ctx();
+        let mut verdicts = Vec::with_capacity(replies.len());
+        for r in replies {
+            let Some(saga) = loaded.get_mut(&r.saga_id) else {
+                verdicts.push(Verdict::Poison(format!("unknown saga {}", r.saga_id)));
+                continue;
+            };
+            verdicts.push(match skald_engine::apply(&saga.def, saga.state.clone(), r.event.clone(), ctx) {
+                Ok(t) => absorb(saga, t),
+                Err(e @ EngineError::UnknownStep { .. }) => Verdict::Poison(e.to_string()),
+                Err(e) => return Err(e.into()),
+            });
+        }
+        self.persist(&mut tx, loaded.into_values().collect(), ctx.now).await?;
+        tx.commit().await?;
+        self.after_commit();
+        Ok(verdicts)
+    }
+
+    /// Feeds a tick to up to `limit` sagas whose `wake_at` has passed
+    /// (timeouts, ends of backoff). Returns how many it processed.
+    #[tracing::instrument(skip_all)]
+    pub async fn sweep(&self, limit: i64) -> Result<usize> {
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query(
+            "SELECT id, saga_type, state, payload FROM sagas
+             WHERE status IN ('RUNNING', 'COMPENSATING') AND wake_at <= now()
+             ORDER BY wake_at LIMIT $1 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        if rows.is_empty() {
+            tx.rollback().await?;
+            return Ok(0);
+        }
+        let ctx = ctx();
+        let mut sagas = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let mut saga = self.load(row)?;
+            let t = skald_engine::apply(&saga.def, saga.state.clone(), Event::Tick, ctx)?;
+            absorb(&mut saga, t);
+            sagas.push(saga);
+        }
+        let n = sagas.len();
+        self.persist(&mut tx, sagas, ctx.now).await?;
+        tx.commit().await?;
+        self.after_commit();
+        Ok(n)
+    }
+
+    /// An operator action (`Event::Retry`, `Event::Abort`) on one saga.
+    pub async fn operate(&self, saga_id: Uuid, event: Event) -> Result<SagaRecord> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query("SELECT id, saga_type, state, payload FROM sagas WHERE id = $1 FOR UPDATE")
+            .bind(saga_id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(Error::SagaNotFound(saga_id))?;
+        let mut saga = self.load(&row)?;
+        let ctx = ctx();
+        let t = skald_engine::apply(&saga.def, saga.state.clone(), event, ctx)?;
+        absorb(&mut saga, t);
+        self.persist(&mut tx, vec![saga], ctx.now).await?;
+        tx.commit().await?;
+        self.after_commit();
+        self.saga(saga_id).await?.ok_or(Error::SagaNotFound(saga_id))
+    }
+
+    pub async fn saga(&self, id: Uuid) -> Result<Option<SagaRecord>> {
+        let row = sqlx::query(
+            "SELECT id, saga_type, status, state, payload, created_at, updated_at, finished_at FROM sagas WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(saga_record).transpose()
+    }
+
+    /// Sagas by id (time order), optionally of one status, after `after`.
+    pub async fn list_sagas(
+        &self,
+        status: Option<SagaStatus>,
+        limit: i64,
+        after: Option<Uuid>,
+    ) -> Result<Vec<SagaRecord>> {
+        let rows = sqlx::query(
+            "SELECT id, saga_type, status, state, payload, created_at, updated_at, finished_at FROM sagas
+             WHERE ($1::text IS NULL OR status = $1) AND ($2::uuid IS NULL OR id > $2)
+             ORDER BY id LIMIT $3",
+        )
+        .bind(status.map(SagaStatus::as_str))
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(saga_record).collect()
+    }
+
+    pub async fn order(&self, order_id: Uuid) -> Result<Option<OrderRecord>> {
+        let row = sqlx::query(
+            "SELECT o.order_id, o.saga_id, s.status, o.customer_id, o.currency, o.total_cents, o.items, o.created_at
+             FROM orders o JOIN sagas s ON s.id = o.saga_id WHERE o.order_id = $1",
+        )
+        .bind(order_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let status: String = row.try_get("status")?;
+        Ok(Some(OrderRecord {
+            order_id: row.try_get("order_id")?,
+            saga_id: row.try_get("saga_id")?,
+            saga_status: parse_status(&status)?,
+            customer_id: row.try_get("customer_id")?,
+            currency: row.try_get("currency")?,
+            total_cents: row.try_get("total_cents")?,
+            items: row.try_get("items")?,
+            created_at: row.try_get("created_at")?,
+        }))
+    }
+
+    /// Sagas per status (for the dashboard, metrics and the demo).
+    pub async fn count_by_status(&self) -> Result<Vec<(String, i64)>> {
+        let rows = sqlx::query("SELECT status, count(*) AS n FROM sagas GROUP BY status ORDER BY status")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("status")?, r.try_get("n")?)))
+            .collect()
+    }
+
+    fn definition(&self, saga_type: &str) -> Result<Arc<SagaDefinition>> {
+        self.registry
+            .get(saga_type)
+            .cloned()
+            .ok_or_else(|| Error::UnknownSagaType(saga_type.to_owned()))
+    }
+
+    fn load(&self, row: &sqlx::postgres::PgRow) -> Result<Loaded> {
+        let saga_type: String = row.try_get("saga_type")?;
+        Ok(Loaded {
+            id: row.try_get("id")?,
+            def: self.definition(&saga_type)?,
+            state: serde_json::from_value(row.try_get("state")?)?,
+            payload: row.try_get("payload")?,
+            changed: false,
+            commands: Vec::new(),
+        })
+    }
+
+    /// Writes the changed sagas and their commands, in the caller's transaction.
+    async fn persist(&self, tx: &mut PgConnection, sagas: Vec<Loaded>, now: DateTime<Utc>) -> Result<()> {
+        let changed: Vec<Loaded> = sagas.into_iter().filter(|s| s.changed).collect();
+        if changed.is_empty() {
+            return Ok(());
+        }
+        let mut ids = Vec::with_capacity(changed.len());
+        let mut statuses = Vec::with_capacity(changed.len());
+        let mut states = Vec::with_capacity(changed.len());
+        let mut wakes = Vec::with_capacity(changed.len());
+        let mut finished = Vec::with_capacity(changed.len());
+        let mut messages = Vec::new();
+        for s in &changed {
+            ids.push(s.id);
+            statuses.push(s.state.status.as_str().to_owned());
+            states.push(serde_json::to_value(&s.state)?);
+            wakes.push(s.state.wake_at);
+            finished.push(s.state.finished_at);
+            messages.extend(s.commands.iter().map(|c| command_message(s.id, &s.payload, c)));
+        }
+        sqlx::query(
+            "UPDATE sagas AS s SET status = u.status, state = u.state, wake_at = u.wake_at,
+                    finished_at = u.finished_at, updated_at = $6
+             FROM UNNEST($1::uuid[], $2::text[], $3::jsonb[], $4::timestamptz[], $5::timestamptz[])
+                  AS u(id, status, state, wake_at, finished_at)
+             WHERE s.id = u.id",
+        )
+        .bind(ids)
+        .bind(statuses)
+        .bind(states)
+        .bind(wakes)
+        .bind(finished)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        skald_wire::outbox::insert(tx, &messages).await?;
+        Ok(())
+    }
+
+    fn after_commit(&self) {
+        self.faults.crash("crash_after_commit");
+        self.relay_wake.notify_one();
+    }
+}
+
+fn absorb(saga: &mut Loaded, t: Transition) -> Verdict {
+    match t.applied {
+        Applied::Changed => {
+            saga.state = t.state;
+            saga.commands.extend(t.commands);
+            saga.changed = true;
+            Verdict::Applied
+        }
+        Applied::Ignored(why) => Verdict::Ignored(why),
+    }
+}
+
+fn parse_status(s: &str) -> Result<SagaStatus> {
+    s.parse::<SagaStatus>()
+        .map_err(|e| Error::Db(sqlx::Error::Decode(e.into())))
+}
+
+fn saga_record(row: &sqlx::postgres::PgRow) -> Result<SagaRecord> {
+    let status: String = row.try_get("status")?;
+    Ok(SagaRecord {
+        id: row.try_get("id")?,
+        saga_type: row.try_get("saga_type")?,
+        status: parse_status(&status)?,
+        state: serde_json::from_value(row.try_get("state")?)?,
+        payload: row.try_get("payload")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+        finished_at: row.try_get("finished_at")?,
+    })
+}
+
+/// The AMQP message of one command.
+fn command_message(saga_id: Uuid, payload: &Value, c: &CommandSpec) -> OutgoingMessage {
+    let envelope = CommandEnvelope {
+        saga_id,
+        step: c.step.clone(),
+        attempt: c.attempt,
+        kind: c.kind,
+        payload: payload.clone(),
+    };
+    OutgoingMessage {
+        message_id: Uuid::now_v7(),
+        exchange: COMMANDS_EXCHANGE.to_owned(),
+        routing_key: c.participant.as_str().to_owned(),
+        message_type: c.message_type.clone(),
+        correlation_id: saga_id,
+        // Serializing a struct of plain fields and a Value cannot fail.
+        body: serde_json::to_vec(&envelope).unwrap_or_default(),
+        headers: Default::default(),
+    }
+}

@@ -1,0 +1,332 @@
+//! AMQP plumbing: connection with backoff, topology, confirmed publishing.
+//!
+//! Channels and connections are disposable (as in vector's AMQP sink): a
+//! caller that gets an error drops them and builds new ones through
+//! [`connect_with_backoff`], which also redeclares the topology.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use lapin::options::{
+    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind, Confirmation};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::contract::{
+    COMMANDS_EXCHANGE, CONTENT_TYPE_JSON, DEAD_LETTER_QUEUE, DLX_EXCHANGE, REPLIES_EXCHANGE, REPLIES_QUEUE,
+    REPLIES_ROUTING_KEY, command_queue,
+};
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("AMQP: {0}")]
+    Lapin(#[from] lapin::Error),
+    #[error("broker refused message {0} (nack)")]
+    Nacked(Uuid),
+    #[error("message {0} was unroutable (no queue bound to {1:?} with key {2:?})")]
+    Unroutable(Uuid, String, String),
+    #[error("publisher confirms are not enabled on this channel")]
+    NoConfirms,
+    #[error("shut down while connecting to RabbitMQ")]
+    Cancelled,
+}
+
+impl Error {
+    /// All AMQP errors are transient: the broker may come back.
+    pub fn is_transient(&self) -> bool {
+        !matches!(self, Error::Cancelled)
+    }
+}
+
+/// Queue type for Skald's queues: `classic` on one node, `quorum` for a RabbitMQ cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QueueType {
+    #[default]
+    Classic,
+    Quorum,
+}
+
+impl std::str::FromStr for QueueType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "classic" => Ok(QueueType::Classic),
+            "quorum" => Ok(QueueType::Quorum),
+            other => Err(format!("AMQP_QUEUE_TYPE must be classic or quorum, not {other:?}")),
+        }
+    }
+}
+
+/// How Skald's queues are declared. Every process must use the same
+/// settings: RabbitMQ refuses a redeclaration with other arguments.
+#[derive(Debug, Clone, Default)]
+pub struct Topology {
+    pub queue_type: QueueType,
+    /// Quorum queues only: deliveries after which the broker dead-letters a message.
+    pub delivery_limit: Option<u32>,
+}
+
+impl Topology {
+    fn queue_args(&self) -> FieldTable {
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(DLX_EXCHANGE.into()),
+        );
+        if self.queue_type == QueueType::Quorum {
+            args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+            if let Some(limit) = self.delivery_limit {
+                args.insert("x-delivery-limit".into(), AMQPValue::LongInt(limit as i32));
+            }
+        }
+        args
+    }
+
+    /// Declares the exchanges, the replies queue, the dead-letter queue and
+    /// the command queues of `participants`. Idempotent.
+    pub async fn declare(&self, channel: &Channel, participants: &[&str]) -> Result<()> {
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        for (name, kind) in [
+            (COMMANDS_EXCHANGE, ExchangeKind::Direct),
+            (REPLIES_EXCHANGE, ExchangeKind::Direct),
+            (DLX_EXCHANGE, ExchangeKind::Fanout),
+        ] {
+            channel.exchange_declare(name.into(), kind, durable, FieldTable::default()).await?;
+        }
+        let queue_opts = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        let mut dlq_args = FieldTable::default();
+        if self.queue_type == QueueType::Quorum {
+            dlq_args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+        }
+        channel.queue_declare(DEAD_LETTER_QUEUE.into(), queue_opts, dlq_args).await?;
+        channel
+            .queue_bind(
+                DEAD_LETTER_QUEUE.into(),
+                DLX_EXCHANGE.into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let mut queues = vec![(REPLIES_QUEUE.to_owned(), REPLIES_EXCHANGE, REPLIES_ROUTING_KEY.to_owned())];
+        queues.extend(participants.iter().map(|p| (command_queue(p), COMMANDS_EXCHANGE, (*p).to_owned())));
+        for (queue, exchange, key) in queues {
+            channel.queue_declare(queue.as_str().into(), queue_opts, self.queue_args()).await?;
+            channel
+                .queue_bind(
+                    queue.as_str().into(),
+                    exchange.into(),
+                    key.as_str().into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// One connection attempt.
+pub async fn connect(url: &str, name: &str) -> Result<Connection> {
+    let props = ConnectionProperties::default().with_connection_name(name.into());
+    Ok(Connection::connect(url, props).await?)
+}
+
+/// Connects, retrying with exponential backoff and jitter until it works,
+/// `max_attempts` is reached (`None`: forever), or `shutdown` fires; then
+/// declares the topology.
+pub async fn connect_with_backoff(
+    url: &str,
+    name: &str,
+    topology: &Topology,
+    participants: &[&str],
+    max_attempts: Option<usize>,
+    shutdown: &CancellationToken,
+) -> Result<Connection> {
+    let policy = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter();
+    let policy = match max_attempts {
+        Some(n) => policy.with_max_times(n),
+        None => policy.without_max_times(),
+    };
+    let attempt = || async {
+        let conn = connect(url, name).await?;
+        let channel = conn.create_channel().await?;
+        topology.declare(&channel, participants).await?;
+        let _ = channel.close(200, "topology declared".into()).await;
+        Ok::<_, Error>(conn)
+    };
+    tokio::select! {
+        res = attempt
+            .retry(policy)
+            .notify(|e: &Error, wait: Duration| tracing::warn!(error = %e, ?wait, "RabbitMQ unreachable, retrying")) => res,
+        () = shutdown.cancelled() => Err(Error::Cancelled),
+    }
+}
+
+/// Opens a consuming channel with an explicit prefetch.
+pub async fn consumer_channel(conn: &Connection, prefetch: u16) -> Result<Channel> {
+    let channel = conn.create_channel().await?;
+    channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
+    Ok(channel)
+}
+
+/// A message ready to publish.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutgoingMessage {
+    pub message_id: Uuid,
+    pub exchange: String,
+    pub routing_key: String,
+    /// AMQP `type`, e.g. `ChargePayment`.
+    pub message_type: String,
+    /// The saga id.
+    pub correlation_id: Uuid,
+    pub body: Vec<u8>,
+    pub headers: BTreeMap<String, String>,
+}
+
+impl OutgoingMessage {
+    fn properties(&self) -> BasicProperties {
+        let mut headers = FieldTable::default();
+        for (k, v) in &self.headers {
+            headers.insert(ShortString::from(k.as_str()), AMQPValue::LongString(LongString::from(v.as_str())));
+        }
+        BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type(CONTENT_TYPE_JSON.into())
+            .with_message_id(self.message_id.to_string().into())
+            .with_correlation_id(self.correlation_id.to_string().into())
+            .with_type(self.message_type.as_str().into())
+            .with_timestamp(chrono::Utc::now().timestamp().max(0) as u64)
+            .with_headers(headers)
+    }
+}
+
+/// A channel in confirm mode. A message counts as published only when the
+/// broker acknowledged it and it was routed to a queue.
+pub struct Publisher {
+    channel: Channel,
+}
+
+impl Publisher {
+    pub async fn open(conn: &Connection) -> Result<Self> {
+        let channel = conn.create_channel().await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        Ok(Self { channel })
+    }
+
+    /// Whether the channel can still be used; if not, open another.
+    pub fn is_usable(&self) -> bool {
+        self.channel.status().connected()
+    }
+
+    /// Publishes every message, pipelined, then waits for all the confirms.
+    /// Fails if any message is nacked or unroutable.
+    pub async fn publish_all(&self, messages: &[OutgoingMessage]) -> Result<()> {
+        let mut pending = Vec::with_capacity(messages.len());
+        for m in messages {
+            let confirm = self
+                .channel
+                .basic_publish(
+                    m.exchange.as_str().into(),
+                    m.routing_key.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    &m.body,
+                    m.properties(),
+                )
+                .await?;
+            pending.push((m, confirm));
+        }
+        let mut first_error = None;
+        for (m, confirm) in pending {
+            let outcome = match confirm.await? {
+                Confirmation::Ack(None) => Ok(()),
+                Confirmation::Ack(Some(_)) => {
+                    Err(Error::Unroutable(m.message_id, m.exchange.clone(), m.routing_key.clone()))
+                }
+                Confirmation::Nack(_) => Err(Error::Nacked(m.message_id)),
+                Confirmation::NotRequested => Err(Error::NoConfirms),
+            };
+            if let Err(e) = outcome {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+/// Reads a string header of a delivery.
+pub fn header_str(props: &BasicProperties, name: &str) -> Option<String> {
+    props.headers().as_ref()?.inner().get(name).and_then(|v| match v {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    })
+}
+
+/// All string headers of a delivery (others are skipped).
+pub fn string_headers(props: &BasicProperties) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    if let Some(h) = props.headers() {
+        for (k, v) in h {
+            match v {
+                AMQPValue::LongString(s) => {
+                    out.insert(k.as_str().to_owned(), String::from_utf8_lossy(s.as_bytes()).into_owned());
+                }
+                AMQPValue::ShortString(s) => {
+                    out.insert(k.as_str().to_owned(), s.as_str().to_owned());
+                }
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+/// Sends a copy of `delivery` to the dead-letter exchange with `reason` and
+/// where it came from in headers, waiting for the broker's confirm. The
+/// caller acks the original afterwards; if this fails, it must not.
+pub async fn dead_letter(
+    publisher: &Publisher,
+    delivery: &lapin::message::Delivery,
+    queue: &str,
+    reason: &str,
+) -> Result<()> {
+    use crate::contract::{HEADER_ORIGINAL_EXCHANGE, HEADER_ORIGINAL_QUEUE, HEADER_ORIGINAL_ROUTING_KEY, HEADER_REASON};
+    let props = &delivery.properties;
+    let mut headers = string_headers(props);
+    headers.insert(HEADER_REASON.to_owned(), reason.chars().take(1000).collect());
+    headers.insert(HEADER_ORIGINAL_EXCHANGE.to_owned(), delivery.exchange.as_str().to_owned());
+    headers.insert(HEADER_ORIGINAL_ROUTING_KEY.to_owned(), delivery.routing_key.as_str().to_owned());
+    headers.insert(HEADER_ORIGINAL_QUEUE.to_owned(), queue.to_owned());
+    let parse_id = |v: &Option<ShortString>| v.as_ref().and_then(|s| Uuid::parse_str(s.as_str()).ok());
+    let message = OutgoingMessage {
+        message_id: parse_id(props.message_id()).unwrap_or_else(Uuid::now_v7),
+        exchange: crate::contract::DLX_EXCHANGE.to_owned(),
+        routing_key: queue.to_owned(),
+        message_type: props.kind().as_ref().map_or_else(String::new, |k| k.as_str().to_owned()),
+        correlation_id: parse_id(props.correlation_id()).unwrap_or(Uuid::nil()),
+        body: delivery.data.clone(),
+        headers,
+    };
+    tracing::warn!(queue, reason, message_id = %message.message_id, "dead-lettering message");
+    publisher.publish_all(std::slice::from_ref(&message)).await
+}

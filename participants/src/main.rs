@@ -1,1 +1,18 @@
-fn main(){}
+use clap::Parser;
+use skald_participants::app::{Cli, Participant};
+use tokio_util::sync::CancellationToken;
+
+#[tokio::main]
+async fn main() {
+    skald_wire::telemetry::init("info,sqlx=warn,lapin=warn");
+    let cli = Cli::parse();
+    let shutdown = CancellationToken::new();
+    tokio::spawn(skald_wire::shutdown::cancel_on_signal(shutdown.clone()));
+    match Participant::build(cli.which, &cli.config).await {
+        Ok(p) => p.run(shutdown).await,
+        Err(e) => {
+            eprintln!("participant {:?}: {e:#}", cli.which);
+            std::process::exit(1);
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! Configuration and start-up of one participant process.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use backon::{ExponentialBuilder, Retryable};
+use skald_wire::amqp::{QueueType, Topology};
+use skald_wire::faults::Faults;
+use tokio_util::sync::CancellationToken;
+
+use crate::inventory::InventoryParticipant;
+use crate::lock::Locks;
+use crate::order::{OrderParticipant, OrderStore, ShardMap};
+use crate::payment::PaymentParticipant;
+use crate::runtime::{Runtime, RuntimeConfig};
+
+pub static ORDERS_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/orders");
+pub static PAYMENTS_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/payments");
+pub static INVENTORY_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/inventory");
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Which {
+    Order,
+    Payment,
+    Inventory,
+}
+
+/// Participant settings; every field is an environment variable (see `--help`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct Config {
+    #[arg(long, env = "ORDERS_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/skald_orders")]
+    pub orders_database_url: String,
+    #[arg(long, env = "PAYMENTS_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/skald_payments")]
+    pub payments_database_url: String,
+    #[arg(long, env = "INVENTORY_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/skald_inventory")]
+    pub inventory_database_url: String,
+    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    pub amqp_url: String,
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+    /// Prefix of every Redis key (lets several deployments or tests share a Redis).
+    #[arg(long, env = "REDIS_KEY_PREFIX", default_value = "skald:")]
+    pub redis_key_prefix: String,
+    /// Number of order shard tables; fixed once the orders database exists.
+    #[arg(long, env = "ORDER_SHARDS", default_value_t = 16)]
+    pub order_shards: u32,
+    /// Commands handled at once by this process.
+    #[arg(long, env = "CONCURRENCY", default_value_t = 16)]
+    pub concurrency: usize,
+    /// Unacknowledged commands the broker may push to this process.
+    #[arg(long, env = "PREFETCH", default_value_t = 64)]
+    pub prefetch: u16,
+    /// Time to live of an order lock.
+    #[arg(long, env = "LOCK_TTL_MS", default_value_t = 5_000)]
+    pub lock_ttl_ms: u64,
+    /// How long to wait for a busy order lock before replying a retryable failure.
+    #[arg(long, env = "LOCK_WAIT_MS", default_value_t = 2_000)]
+    pub lock_wait_ms: u64,
+    #[arg(long, env = "DB_POOL_SIZE", default_value_t = 10)]
+    pub db_pool_size: u32,
+    /// `classic` or `quorum` (for a RabbitMQ cluster).
+    #[arg(long, env = "AMQP_QUEUE_TYPE", default_value = "classic")]
+    pub queue_type: QueueType,
+    /// Failure injection, e.g. `participant.crash_after_commit=0.05,payment.delay_ms=200`. Off by default.
+    #[arg(long, env = "SKALD_FAULTS", default_value = "")]
+    pub faults: String,
+    /// Start-up connection attempts before giving up.
+    #[arg(long, env = "STARTUP_RETRIES", default_value_t = 8)]
+    pub startup_retries: usize,
+}
+
+#[derive(Debug, clap::Parser)]
+#[command(name = "participant", version, about = "A Skald participant: consumes commands, applies them with an inbox barrier, replies")]
+pub struct Cli {
+    /// Which participant to run.
+    #[arg(value_enum)]
+    pub which: Which,
+    #[command(flatten)]
+    pub config: Config,
+}
+
+impl Config {
+    /// The defaults, as if no variable were set (tests start from this).
+    pub fn local() -> Self {
+        <Cli as clap::Parser>::parse_from(["participant", "order"]).config
+    }
+
+    fn runtime(&self, which: Which) -> anyhow::Result<RuntimeConfig> {
+        let name = runtime_name(which);
+        Ok(RuntimeConfig {
+            amqp_url: self.amqp_url.clone(),
+            topology: Topology {
+                queue_type: self.queue_type,
+                delivery_limit: None,
+            },
+            concurrency: self.concurrency.max(1),
+            prefetch: self.prefetch,
+            relay_batch: 256,
+            relay_poll: Duration::from_millis(200),
+            faults: Faults::parse(&self.faults, &["participant", name])?,
+        })
+    }
+
+    pub fn order_store(&self) -> anyhow::Result<OrderStore> {
+        Ok(OrderStore {
+            shards: ShardMap::new(self.order_shards).map_err(anyhow::Error::msg)?,
+        })
+    }
+
+    pub async fn locks(&self) -> anyhow::Result<Locks> {
+        let policy = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(200))
+            .with_max_delay(Duration::from_secs(3))
+            .with_jitter()
+            .with_max_times(self.startup_retries);
+        let conn = (|| crate::lock::connect(&self.redis_url))
+            .retry(policy)
+            .notify(|e, wait| tracing::warn!(error = %e, ?wait, "Redis unreachable, retrying"))
+            .await
+            .context("Redis")?;
+        Ok(Locks::new(
+            conn,
+            &self.redis_key_prefix,
+            Duration::from_millis(self.lock_ttl_ms),
+            Duration::from_millis(self.lock_wait_ms),
+        ))
+    }
+}
+
+/// A participant ready to run.
+pub enum Participant {
+    Order(Runtime<OrderParticipant>),
+    Payment(Runtime<PaymentParticipant>),
+    Inventory(Runtime<InventoryParticipant>),
+}
+
+impl Participant {
+    /// Connects to everything it needs (bounded retries), migrates its database.
+    pub async fn build(which: Which, config: &Config) -> anyhow::Result<Self> {
+        let runtime = config.runtime(which)?;
+        let (url, migrator) = match which {
+            Which::Order => (&config.orders_database_url, &ORDERS_MIGRATOR),
+            Which::Payment => (&config.payments_database_url, &PAYMENTS_MIGRATOR),
+            Which::Inventory => (&config.inventory_database_url, &INVENTORY_MIGRATOR),
+        };
+        let pool = skald_wire::db::connect_and_migrate(url, config.db_pool_size, migrator, config.startup_retries)
+            .await
+            .with_context(|| format!("{which:?} database"))?;
+        let never = CancellationToken::new();
+        let name = runtime_name(which);
+        let conn = skald_wire::amqp::connect_with_backoff(
+            &config.amqp_url,
+            &format!("skald-{name}-start"),
+            &runtime.topology,
+            &[name],
+            Some(config.startup_retries),
+            &never,
+        )
+        .await
+        .with_context(|| format!("RabbitMQ at {}", skald_wire::db::redact(&config.amqp_url)))?;
+        let _ = conn.close(200, "start-up checks done".into()).await;
+        Ok(match which {
+            Which::Order => {
+                let store = config.order_store()?;
+                store.shards.prepare(&pool).await.map_err(anyhow::Error::msg)?;
+                let locks = config.locks().await?;
+                Participant::Order(Runtime::new(pool, OrderParticipant { store }, Some(locks), runtime))
+            }
+            Which::Payment => Participant::Payment(Runtime::new(pool, PaymentParticipant, None, runtime)),
+            Which::Inventory => Participant::Inventory(Runtime::new(pool, InventoryParticipant, None, runtime)),
+        })
+    }
+
+    pub async fn run(self, shutdown: CancellationToken) {
+        match self {
+            Participant::Order(r) => {
+                let pool = r.pool().clone();
+                r.run(shutdown).await;
+                pool.close().await;
+            }
+            Participant::Payment(r) => {
+                let pool = r.pool().clone();
+                r.run(shutdown).await;
+                pool.close().await;
+            }
+            Participant::Inventory(r) => {
+                let pool = r.pool().clone();
+                r.run(shutdown).await;
+                pool.close().await;
+            }
+        }
+    }
+}
+
+fn runtime_name(which: Which) -> &'static str {
+    match which {
+        Which::Order => "order",
+        Which::Payment => "payment",
+        Which::Inventory => "inventory",
+    }
+}

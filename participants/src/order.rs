@@ -1,0 +1,220 @@
+//! The `order` participant: orders in `ORDER_SHARDS` shard tables
+//! (`orders_00` ..), every mutation under a Redis lock with a fencing token.
+//!
+//! Shard map (stable, documented in the README): shard = FNV-1a 64 of the
+//! order id's 16 bytes, modulo the shard count. The count is recorded in
+//! `order_shards` at first start; a restart with another count is refused.
+
+use std::future::Future;
+
+use serde_json::json;
+use skald_wire::contract::CommandEnvelope;
+use sqlx::{AssertSqlSafe, PgConnection, PgPool, Row};
+use uuid::Uuid;
+
+use crate::payload::OrderPayload;
+use crate::runtime::{CommandContext, Handled, Handler, HandlerError};
+
+/// Routes order ids to shard tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShardMap {
+    shards: u32,
+}
+
+impl ShardMap {
+    pub fn new(shards: u32) -> Result<Self, String> {
+        (1..=100)
+            .contains(&shards)
+            .then_some(Self { shards })
+            .ok_or_else(|| format!("ORDER_SHARDS must be between 1 and 100, not {shards}"))
+    }
+
+    pub fn shards(&self) -> u32 {
+        self.shards
+    }
+
+    pub fn shard_of(&self, order_id: Uuid) -> u32 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in order_id.as_bytes() {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        (h % u64::from(self.shards)) as u32
+    }
+
+    pub fn table(&self, order_id: Uuid) -> String {
+        table_name(self.shard_of(order_id))
+    }
+
+    pub fn tables(&self) -> Vec<String> {
+        (0..self.shards).map(table_name).collect()
+    }
+
+    /// Creates the shard tables if missing and checks the recorded count.
+    pub async fn prepare(&self, pool: &PgPool) -> Result<(), String> {
+        let db = |e: sqlx::Error| format!("preparing order shards: {e}");
+        let recorded: Option<i32> = sqlx::query_scalar(
+            "INSERT INTO order_shards (shards) VALUES ($1)
+             ON CONFLICT (singleton) DO UPDATE SET shards = order_shards.shards RETURNING shards",
+        )
+        .bind(self.shards as i32)
+        .fetch_optional(pool)
+        .await
+        .map_err(db)?;
+        if let Some(n) = recorded
+            && n as u32 != self.shards
+        {
+            return Err(format!(
+                "this orders database was created with ORDER_SHARDS={n}; refusing to start with {}",
+                self.shards
+            ));
+        }
+        for t in self.tables() {
+            sqlx::query(AssertSqlSafe(format!(
+                "CREATE TABLE IF NOT EXISTS {t} (LIKE orders_template INCLUDING ALL)"
+            )))
+            .execute(pool)
+            .await
+            .map_err(db)?;
+        }
+        Ok(())
+    }
+}
+
+fn table_name(shard: u32) -> String {
+    format!("orders_{shard:02}")
+}
+
+/// Order rows: every write carries a fencing token and is refused if the
+/// row already holds a token at least as new.
+#[derive(Debug, Clone, Copy)]
+pub struct OrderStore {
+    pub shards: ShardMap,
+}
+
+impl OrderStore {
+    pub async fn insert(
+        &self,
+        tx: &mut PgConnection,
+        saga_id: Uuid,
+        order: &OrderPayload,
+        fence: i64,
+    ) -> Result<(), HandlerError> {
+        let sql = format!(
+            "INSERT INTO {} (id, saga_id, customer_id, currency, status, total_cents, items, fence)
+             VALUES ($1, $2, $3, $4, 'PENDING', $5, $6, $7) ON CONFLICT (id) DO NOTHING",
+            self.shards.table(order.order_id)
+        );
+        let items = serde_json::to_value(
+            order
+                .items
+                .iter()
+                .map(|l| json!({"sku": l.sku, "quantity": l.quantity, "unit_price_cents": l.unit_price_cents}))
+                .collect::<Vec<_>>(),
+        )?;
+        sqlx::query(AssertSqlSafe(sql))
+            .bind(order.order_id)
+            .bind(saga_id)
+            .bind(&order.customer_id)
+            .bind(&order.currency)
+            .bind(order.total_cents)
+            .bind(items)
+            .bind(fence)
+            .execute(&mut *tx)
+            .await?;
+        Ok(())
+    }
+
+    /// Status and fence of an order, locking the row.
+    pub async fn get_for_update(&self, tx: &mut PgConnection, id: Uuid) -> Result<Option<(String, i64)>, HandlerError> {
+        let sql = format!("SELECT status, fence FROM {} WHERE id = $1 FOR UPDATE", self.shards.table(id));
+        let row = sqlx::query(AssertSqlSafe(sql)).bind(id).fetch_optional(&mut *tx).await?;
+        Ok(match row {
+            Some(r) => Some((r.try_get("status")?, r.try_get("fence")?)),
+            None => None,
+        })
+    }
+
+    /// Sets the status if `fence` is newer than the row's; refuses otherwise.
+    /// Returns false if there is no such order.
+    pub async fn set_status(&self, tx: &mut PgConnection, id: Uuid, status: &str, fence: i64) -> Result<bool, HandlerError> {
+        let sql = format!(
+            "UPDATE {} SET status = $2, fence = $3, updated_at = now() WHERE id = $1 AND fence < $3",
+            self.shards.table(id)
+        );
+        let n = sqlx::query(AssertSqlSafe(sql))
+            .bind(id)
+            .bind(status)
+            .bind(fence)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if n == 1 {
+            return Ok(true);
+        }
+        match self.get_for_update(tx, id).await? {
+            Some((_, stored)) => Err(HandlerError::StaleFence { given: fence, stored }),
+            None => Ok(false),
+        }
+    }
+
+    /// Status of an order (no lock), for tests and tools.
+    pub async fn status(&self, pool: &PgPool, id: Uuid) -> Result<Option<(String, i64)>, sqlx::Error> {
+        let sql = format!("SELECT status, fence FROM {} WHERE id = $1", self.shards.table(id));
+        let row = sqlx::query(AssertSqlSafe(sql)).bind(id).fetch_optional(pool).await?;
+        row.map(|r| Ok((r.try_get("status")?, r.try_get("fence")?))).transpose()
+    }
+}
+
+pub struct OrderParticipant {
+    pub store: OrderStore,
+}
+
+impl Handler for OrderParticipant {
+    fn participant(&self) -> &'static str {
+        "order"
+    }
+
+    fn lock_resource(&self, command: &CommandEnvelope) -> Result<Option<String>, HandlerError> {
+        let id = command
+            .payload
+            .get("order_id")
+            .and_then(|v| v.as_str())
+            .and_then(|s| Uuid::parse_str(s).ok())
+            .ok_or_else(|| HandlerError::BadPayload("order_id missing or not a UUID".to_owned()))?;
+        Ok(Some(format!("order:{id}")))
+    }
+
+    fn handle<'a>(
+        &'a self,
+        tx: &'a mut PgConnection,
+        ctx: &'a CommandContext<'a>,
+    ) -> impl Future<Output = Result<Handled, HandlerError>> + Send + 'a {
+        async move {
+            let order = OrderPayload::parse(&ctx.command.payload)?;
+            let fence = ctx
+                .fence
+                .ok_or_else(|| HandlerError::BadPayload("order mutation without a lock".to_owned()))?;
+            let id = order.order_id;
+            match ctx.message_type {
+                "CreateOrder" => {
+                    self.store.insert(tx, ctx.command.saga_id, &order, fence).await?;
+                    Ok(Handled::Success(json!({"order_id": id, "status": "PENDING"})))
+                }
+                "CancelOrder" => {
+                    self.store.set_status(tx, id, "CANCELLED", fence).await?;
+                    Ok(Handled::Success(json!({"order_id": id, "status": "CANCELLED"})))
+                }
+                "ApproveOrder" => match self.store.get_for_update(tx, id).await? {
+                    Some((status, _)) if status == "PENDING" => {
+                        self.store.set_status(tx, id, "APPROVED", fence).await?;
+                        Ok(Handled::Success(json!({"order_id": id, "status": "APPROVED"})))
+                    }
+                    Some((status, _)) => Ok(Handled::BusinessFailure(format!("order is {status}"))),
+                    None => Ok(Handled::BusinessFailure("order not found".to_owned())),
+                },
+                other => Err(HandlerError::UnknownType(other.to_owned())),
+            }
+        }
+    }
+}

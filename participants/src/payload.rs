@@ -1,0 +1,42 @@
+//! The order saga's command payload, as the coordinator sends it to every
+//! step (`CommandEnvelope.payload`).
+
+use serde::Deserialize;
+use uuid::Uuid;
+
+use crate::runtime::HandlerError;
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct OrderPayload {
+    pub order_id: Uuid,
+    pub customer_id: String,
+    pub currency: String,
+    pub items: Vec<OrderLine>,
+    pub total_cents: i64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct OrderLine {
+    pub sku: String,
+    pub quantity: i64,
+    pub unit_price_cents: i64,
+}
+
+impl OrderPayload {
+    pub fn parse(value: &serde_json::Value) -> Result<Self, HandlerError> {
+        let p: Self = serde::Deserialize::deserialize(value).map_err(|e| HandlerError::BadPayload(e.to_string()))?;
+        if p.total_cents < 0 || p.items.iter().any(|l| l.quantity <= 0 || l.unit_price_cents < 0) {
+            return Err(HandlerError::BadPayload("negative amounts or quantities".to_owned()));
+        }
+        Ok(p)
+    }
+
+    /// Quantities per SKU, sorted by SKU (lock order: no deadlocks between orders).
+    pub fn quantities(&self) -> Vec<(String, i64)> {
+        let mut by_sku: std::collections::BTreeMap<String, i64> = Default::default();
+        for l in &self.items {
+            *by_sku.entry(l.sku.clone()).or_default() += l.quantity;
+        }
+        by_sku.into_iter().collect()
+    }
+}

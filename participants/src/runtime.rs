@@ -1,0 +1,514 @@
+//! The participant runtime, shared by every participant.
+//!
+//! For each command: decode (undecodable -> dead-letter), take the lock the
+//! handler asks for (Redis, with a fencing token), then in ONE local
+//! transaction: the inbox row (barrier), the handler's business change, the
+//! stored reply, and the reply's outbox row. Commit, release the lock, ack.
+//! The outbox relay publishes the reply.
+//!
+//! Barrier (DTM's sub-transaction barrier, keyed by `(saga, step, kind)`):
+//! - a duplicate or a retry of a command finds its inbox row and gets the
+//!   stored reply again (with its own attempt number), with no second effect;
+//! - a compensation inserts the *action's* inbox row as a tombstone when the
+//!   action never ran: it succeeds as a no-op, and the late action then finds
+//!   the tombstone and is refused. Both inserts go through the primary key,
+//!   so an action and a compensation in flight at once serialize there.
+//!
+//! A transient failure (lock busy, database error, injected fault) rolls
+//! the transaction back and replies `retryable: true`: the coordinator
+//! retries the step with backoff as a new attempt.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions};
+use lapin::types::FieldTable;
+use serde_json::{Value, json};
+use skald_wire::Kind;
+use skald_wire::amqp::{self, OutgoingMessage, Publisher, Topology};
+use skald_wire::contract::{
+    CommandEnvelope, REPLIES_EXCHANGE, REPLIES_ROUTING_KEY, ReplyEnvelope, ReplyOutcome, command_queue,
+};
+use skald_wire::faults::Faults;
+use sqlx::{Acquire, PgConnection, PgPool, Row};
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+use crate::lock::{self, LockGuard, Locks};
+
+/// What a handler decided.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Handled {
+    Success(Value),
+    /// A deterministic refusal (insufficient balance, out of stock): its
+    /// changes are rolled back, the reply is stored and never retried.
+    BusinessFailure(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandlerError {
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error(transparent)]
+    Lock(#[from] lock::Error),
+    #[error("write refused: fencing token {given} is not newer than the row's {stored}")]
+    StaleFence { given: i64, stored: i64 },
+    #[error("injected transient failure")]
+    Injected,
+    #[error("invalid payload: {0}")]
+    BadPayload(String),
+    #[error("unknown message type {0:?}")]
+    UnknownType(String),
+    #[error("outbox: {0}")]
+    Outbox(#[from] skald_wire::outbox::Error),
+    #[error("stored reply is unreadable: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+impl HandlerError {
+    /// Transient errors are retried (a `retryable` reply); the others mean the
+    /// message itself is bad and it is dead-lettered.
+    pub fn is_transient(&self) -> bool {
+        !matches!(
+            self,
+            HandlerError::BadPayload(_) | HandlerError::UnknownType(_) | HandlerError::Json(_)
+        )
+    }
+}
+
+/// One command as a handler sees it.
+#[derive(Debug)]
+pub struct CommandContext<'a> {
+    pub command: &'a CommandEnvelope,
+    /// AMQP `type`, e.g. `ChargePayment`.
+    pub message_type: &'a str,
+    /// The fencing token of the lock held for this command, if any.
+    pub fence: Option<i64>,
+}
+
+/// A participant's business logic. Runs inside the runtime's transaction.
+pub trait Handler: Send + Sync + 'static {
+    /// The participant name: routing key and queue `skald.<name>.commands`.
+    fn participant(&self) -> &'static str;
+
+    /// The resource to lock in Redis while this command runs (e.g.
+    /// `order:<uuid>`), if any.
+    fn lock_resource(&self, _command: &CommandEnvelope) -> Result<Option<String>, HandlerError> {
+        Ok(None)
+    }
+
+    /// Applies the command in `tx`. Errors roll everything back.
+    fn handle<'a>(
+        &'a self,
+        tx: &'a mut PgConnection,
+        ctx: &'a CommandContext<'a>,
+    ) -> impl Future<Output = Result<Handled, HandlerError>> + Send + 'a;
+}
+
+/// Runtime settings.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    pub amqp_url: String,
+    pub topology: Topology,
+    /// Commands handled at once.
+    pub concurrency: usize,
+    pub prefetch: u16,
+    pub relay_batch: i64,
+    pub relay_poll: Duration,
+    pub faults: Faults,
+}
+
+/// How a command ended, for logs and tests.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Processed {
+    /// First time: the handler ran (or the barrier made it a no-op).
+    Executed(ReplyEnvelope),
+    /// Seen before: the stored reply was sent again.
+    Replayed(ReplyEnvelope),
+    /// Transient failure: nothing changed, a retryable failure was sent.
+    Retryable(ReplyEnvelope),
+}
+
+impl Processed {
+    pub fn reply(&self) -> &ReplyEnvelope {
+        match self {
+            Processed::Executed(r) | Processed::Replayed(r) | Processed::Retryable(r) => r,
+        }
+    }
+}
+
+pub struct Runtime<H: Handler> {
+    pool: PgPool,
+    handler: Arc<H>,
+    locks: Option<Locks>,
+    config: RuntimeConfig,
+    /// Wakes this participant's relay after a reply is committed.
+    relay_wake: Arc<Notify>,
+}
+
+impl<H: Handler> Clone for Runtime<H> {
+    fn clone(&self) -> Self {
+        Self {
+            pool: self.pool.clone(),
+            handler: self.handler.clone(),
+            locks: self.locks.clone(),
+            config: self.config.clone(),
+            relay_wake: self.relay_wake.clone(),
+        }
+    }
+}
+
+const TOMBSTONE_REASON: &str = "refused by the barrier: compensated before the action ran";
+
+impl<H: Handler> Runtime<H> {
+    pub fn new(pool: PgPool, handler: H, locks: Option<Locks>, config: RuntimeConfig) -> Self {
+        Self {
+            pool,
+            handler: Arc::new(handler),
+            locks,
+            config,
+            relay_wake: Arc::new(Notify::new()),
+        }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Consumes commands and relays replies until `shutdown`; then stops
+    /// consuming, finishes the commands in flight, and returns.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let participant = self.handler.participant();
+        let tasks = TaskTracker::new();
+        tasks.spawn(
+            skald_wire::outbox::Relay {
+                pool: self.pool.clone(),
+                amqp_url: self.config.amqp_url.clone(),
+                name: format!("skald-{participant}-relay"),
+                topology: self.config.topology.clone(),
+                participants: vec![participant.to_owned()],
+                wake: self.relay_wake.clone(),
+                batch_size: self.config.relay_batch,
+                poll_interval: self.config.relay_poll,
+                faults: self.config.faults.clone(),
+            }
+            .run(shutdown.child_token()),
+        );
+        tasks.close();
+        let consumer_stop = shutdown.child_token();
+        while !consumer_stop.is_cancelled() {
+            let Ok(conn) = amqp::connect_with_backoff(
+                &self.config.amqp_url,
+                &format!("skald-{participant}-consumer"),
+                &self.config.topology,
+                &[participant],
+                None,
+                &consumer_stop,
+            )
+            .await
+            else {
+                break;
+            };
+            if let Err(e) = self.consume(&conn, &consumer_stop).await {
+                tracing::warn!(error = %e, "command consumer lost its channel; reconnecting");
+            }
+            let _ = conn.close(200, "consumer stopping".into()).await;
+        }
+        tasks.wait().await;
+        tracing::info!(participant, "participant stopped");
+    }
+
+    async fn consume(&self, conn: &lapin::Connection, shutdown: &CancellationToken) -> Result<(), amqp::Error> {
+        let queue = command_queue(self.handler.participant());
+        let channel = amqp::consumer_channel(conn, self.config.prefetch).await?;
+        let dead_letters = Arc::new(Publisher::open(conn).await?);
+        let mut consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let slots = Arc::new(Semaphore::new(self.config.concurrency.max(1)));
+        let in_flight = TaskTracker::new();
+        let result = loop {
+            let next = tokio::select! {
+                d = consumer.next() => d,
+                () = shutdown.cancelled() => {
+                    let _ = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await;
+                    break Ok(());
+                }
+            };
+            let delivery = match next {
+                Some(Ok(d)) => d,
+                Some(Err(e)) => break Err(e.into()),
+                None => break Ok(()),
+            };
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                break Ok(());
+            };
+            let this = self.clone();
+            let dead_letters = dead_letters.clone();
+            let queue = queue.clone();
+            in_flight.spawn(async move {
+                this.on_delivery(delivery, &dead_letters, &queue).await;
+                drop(permit);
+            });
+        };
+        in_flight.close();
+        in_flight.wait().await;
+        result
+    }
+
+    #[tracing::instrument(skip_all, fields(participant = self.handler.participant(), saga_id, step, attempt, kind))]
+    async fn on_delivery(&self, delivery: Delivery, dead_letters: &Publisher, queue: &str) {
+        let message_type = delivery
+            .properties
+            .kind()
+            .as_ref()
+            .map(|k| k.as_str().to_owned())
+            .unwrap_or_default();
+        let command = match serde_json::from_slice::<CommandEnvelope>(&delivery.data) {
+            Ok(c) => c,
+            Err(e) => {
+                self.reject(&delivery, dead_letters, queue, &format!("undecodable command: {e}")).await;
+                return;
+            }
+        };
+        let span = tracing::Span::current();
+        span.record("saga_id", tracing::field::display(command.saga_id));
+        span.record("step", command.step.as_str());
+        span.record("attempt", command.attempt);
+        span.record("kind", command.kind.as_str());
+        self.config.faults.delay().await;
+        match self.process(&command, &message_type).await {
+            Ok(outcome) => {
+                tracing::debug!(?outcome, "command processed");
+                self.config.faults.crash("crash_before_ack");
+                if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
+                    tracing::warn!(error = %e, "ack failed; the command will be redelivered and replayed");
+                }
+            }
+            Err(e) if e.is_transient() => {
+                // Not even the retryable reply could be stored: let the broker redeliver.
+                tracing::warn!(error = %e, "command failed and no reply could be stored; requeueing");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let _ = delivery
+                    .acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        multiple: false,
+                    })
+                    .await;
+            }
+            Err(e) => self.reject(&delivery, dead_letters, queue, &e.to_string()).await,
+        }
+    }
+
+    async fn reject(&self, delivery: &Delivery, dead_letters: &Publisher, queue: &str, reason: &str) {
+        match amqp::dead_letter(dead_letters, delivery, queue, reason).await {
+            Ok(()) => {
+                let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot dead-letter; requeueing");
+                let _ = delivery
+                    .acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        multiple: false,
+                    })
+                    .await;
+            }
+        }
+    }
+
+    /// Runs one command through the barrier and the handler and stores its
+    /// reply in the outbox. Returns an error only when nothing could be
+    /// stored (then the command must be redelivered) or the message is bad.
+    pub async fn process(&self, command: &CommandEnvelope, message_type: &str) -> Result<Processed, HandlerError> {
+        let guard = match self.lock_for(command).await {
+            Ok(g) => g,
+            Err(e) if e.is_transient() => return self.retryable(command, &e).await,
+            Err(e) => return Err(e),
+        };
+        let result = self
+            .execute(command, message_type, guard.as_ref().map(|g| g.fence))
+            .await;
+        if let (Some(locks), Some(guard)) = (&self.locks, &guard) {
+            // After the commit. If this fails the lock expires by itself.
+            if let Err(e) = locks.release(guard).await {
+                tracing::warn!(error = %e, "lock release failed; it will expire");
+            }
+        }
+        match result {
+            Ok(p) => {
+                self.relay_wake.notify_one();
+                Ok(p)
+            }
+            Err(e) if e.is_transient() => self.retryable(command, &e).await,
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn lock_for(&self, command: &CommandEnvelope) -> Result<Option<LockGuard>, HandlerError> {
+        let Some(resource) = self.handler.lock_resource(command)? else {
+            return Ok(None);
+        };
+        let Some(locks) = &self.locks else {
+            return Ok(None);
+        };
+        Ok(Some(locks.acquire(&resource).await?))
+    }
+
+    /// Stores a `retryable` failure reply (nothing else changed).
+    async fn retryable(&self, command: &CommandEnvelope, error: &HandlerError) -> Result<Processed, HandlerError> {
+        tracing::info!(error = %error, "transient failure; the coordinator will retry");
+        let reply = ReplyEnvelope::failure(command, true, error.to_string());
+        let mut tx = self.pool.begin().await?;
+        skald_wire::outbox::insert(&mut tx, &[reply_message(&reply)]).await?;
+        tx.commit().await?;
+        self.relay_wake.notify_one();
+        Ok(Processed::Retryable(reply))
+    }
+
+    async fn execute(
+        &self,
+        command: &CommandEnvelope,
+        message_type: &str,
+        fence: Option<i64>,
+    ) -> Result<Processed, HandlerError> {
+        let mut tx = self.pool.begin().await?;
+        let fresh = claim(&mut tx, command, message_type, command.kind, false, None).await?;
+        if !fresh {
+            let stored = stored_reply(&mut tx, command, command.kind).await?;
+            let reply = ReplyEnvelope {
+                attempt: command.attempt,
+                ..stored
+            };
+            skald_wire::outbox::insert(&mut tx, &[reply_message(&reply)]).await?;
+            tx.commit().await?;
+            return Ok(Processed::Replayed(reply));
+        }
+        if self.config.faults.transient() {
+            return Err(HandlerError::Injected);
+        }
+        let run_handler = match command.kind {
+            Kind::Action => true,
+            Kind::Compensation => {
+                // Tombstone: succeeds only if the action never ran.
+                let tombstone = ReplyEnvelope::failure(
+                    &CommandEnvelope {
+                        kind: Kind::Action,
+                        ..command.clone()
+                    },
+                    false,
+                    TOMBSTONE_REASON,
+                );
+                let action_never_ran = claim(&mut tx, command, message_type, Kind::Action, true, Some(&tombstone)).await?;
+                if action_never_ran {
+                    false
+                } else {
+                    stored_reply(&mut tx, command, Kind::Action).await?.outcome == ReplyOutcome::Success
+                }
+            }
+        };
+        let reply = if run_handler {
+            let ctx = CommandContext {
+                command,
+                message_type,
+                fence,
+            };
+            let mut savepoint = tx.begin().await?;
+            match self.handler.handle(&mut savepoint, &ctx).await? {
+                Handled::Success(data) => {
+                    savepoint.commit().await?;
+                    ReplyEnvelope::success(command, data)
+                }
+                Handled::BusinessFailure(reason) => {
+                    savepoint.rollback().await?;
+                    ReplyEnvelope::failure(command, false, reason)
+                }
+            }
+        } else {
+            ReplyEnvelope::success(command, json!({"noop": true}))
+        };
+        sqlx::query("UPDATE inbox SET reply = $4 WHERE saga_id = $1 AND step = $2 AND kind = $3")
+            .bind(command.saga_id)
+            .bind(&command.step)
+            .bind(command.kind.as_str())
+            .bind(serde_json::to_value(&reply)?)
+            .execute(&mut *tx)
+            .await?;
+        skald_wire::outbox::insert(&mut tx, &[reply_message(&reply)]).await?;
+        self.config.faults.crash("crash_before_commit");
+        tx.commit().await?;
+        self.config.faults.crash("crash_after_commit");
+        Ok(Processed::Executed(reply))
+    }
+}
+
+/// Inserts the inbox row `(saga, step, kind)`; false if it already exists.
+/// A concurrent transaction inserting the same key makes this wait for it.
+async fn claim(
+    tx: &mut PgConnection,
+    command: &CommandEnvelope,
+    message_type: &str,
+    kind: Kind,
+    tombstone: bool,
+    reply: Option<&ReplyEnvelope>,
+) -> Result<bool, HandlerError> {
+    let reply = reply.map(serde_json::to_value).transpose()?;
+    let inserted = sqlx::query(
+        "INSERT INTO inbox (saga_id, step, kind, attempt, message_type, tombstone, reply)
+         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+    )
+    .bind(command.saga_id)
+    .bind(&command.step)
+    .bind(kind.as_str())
+    .bind(command.attempt as i32)
+    .bind(message_type)
+    .bind(tombstone)
+    .bind(reply)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    Ok(inserted == 1)
+}
+
+async fn stored_reply(tx: &mut PgConnection, command: &CommandEnvelope, kind: Kind) -> Result<ReplyEnvelope, HandlerError> {
+    let row = sqlx::query("SELECT reply FROM inbox WHERE saga_id = $1 AND step = $2 AND kind = $3")
+        .bind(command.saga_id)
+        .bind(&command.step)
+        .bind(kind.as_str())
+        .fetch_one(&mut *tx)
+        .await?;
+    let reply: Option<Value> = row.try_get("reply")?;
+    let reply = reply.ok_or_else(|| HandlerError::BadPayload("inbox row without a reply".to_owned()))?;
+    Ok(serde_json::from_value(reply)?)
+}
+
+fn reply_message(reply: &ReplyEnvelope) -> OutgoingMessage {
+    let kind = match (reply.kind, reply.outcome) {
+        (Kind::Action, ReplyOutcome::Success) => "ActionSucceeded",
+        (Kind::Action, ReplyOutcome::Failure) => "ActionFailed",
+        (Kind::Compensation, ReplyOutcome::Success) => "CompensationSucceeded",
+        (Kind::Compensation, ReplyOutcome::Failure) => "CompensationFailed",
+    };
+    OutgoingMessage {
+        message_id: Uuid::now_v7(),
+        exchange: REPLIES_EXCHANGE.to_owned(),
+        routing_key: REPLIES_ROUTING_KEY.to_owned(),
+        message_type: kind.to_owned(),
+        correlation_id: reply.saga_id,
+        // A struct of plain fields and a Value always serializes.
+        body: serde_json::to_vec(reply).unwrap_or_default(),
+        headers: Default::default(),
+    }
+}

@@ -1,0 +1,8 @@
+//! Integration tests against the real PostgreSQL, RabbitMQ and Redis. Each
+//! test has its own databases, vhost and Redis prefix (see `skald_tests`).
+
+mod api;
+mod load;
+mod locks;
+mod messaging;
+mod saga;

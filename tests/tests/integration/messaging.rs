@@ -1,0 +1,103 @@
+//! The participant runtime over AMQP: duplicates, the barrier, dead letters.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use skald_participants::app::Which;
+use skald_tests::{Setup, TestEnv, header, publish_raw, take_messages};
+use skald_wire::contract::{COMMANDS_EXCHANGE, DEAD_LETTER_QUEUE, HEADER_REASON, REPLIES_QUEUE};
+use uuid::Uuid;
+
+const WITHIN: Duration = Duration::from_secs(20);
+
+fn command(saga_id: Uuid, order_id: Uuid, attempt: u32, kind: &str, customer: &str, total: i64) -> Vec<u8> {
+    json!({
+        "saga_id": saga_id,
+        "step": "charge_payment",
+        "attempt": attempt,
+        "kind": kind,
+        "payload": {
+            "order_id": order_id,
+            "customer_id": customer,
+            "currency": "EUR",
+            "items": [{"sku": "sku-1", "quantity": 1, "unit_price_cents": total}],
+            "total_cents": total,
+        },
+    })
+    .to_string()
+    .into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_command_has_one_effect_and_gets_the_same_reply() {
+    let mut env = TestEnv::start(Setup::only(Which::Payment)).await;
+    env.seed(&[("erin", 1_000)], &[]).await;
+    let (_conn, ch) = env.amqp().await;
+    let (saga, order_id) = (Uuid::now_v7(), Uuid::now_v7());
+    let cmd = command(saga, order_id, 1, "action", "erin", 300);
+    publish_raw(&ch, COMMANDS_EXCHANGE, "payment", "ChargePayment", &cmd).await;
+    publish_raw(&ch, COMMANDS_EXCHANGE, "payment", "ChargePayment", &cmd).await;
+    let replies = take_messages(&ch, REPLIES_QUEUE, 2, WITHIN).await;
+    assert_eq!(replies[0].0, replies[1].0, "the duplicate gets the stored reply");
+    assert_eq!(replies[0].0["outcome"], "success");
+    assert_eq!(env.balance("erin").await, 700, "charged once");
+    assert_eq!(env.payments(order_id).await, vec![("CHARGED".to_owned(), 300)]);
+
+    // A retry (new attempt) of the same step: the stored reply, with its own attempt number.
+    publish_raw(&ch, COMMANDS_EXCHANGE, "payment", "ChargePayment", &command(saga, order_id, 2, "action", "erin", 300)).await;
+    let retry = take_messages(&ch, REPLIES_QUEUE, 1, WITHIN).await;
+    assert_eq!(retry[0].0["attempt"], 2);
+    assert_eq!(retry[0].0["outcome"], "success");
+    assert_eq!(env.balance("erin").await, 700, "still charged once");
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compensation_before_its_action_is_a_no_op_and_the_late_action_is_refused() {
+    let mut env = TestEnv::start(Setup::only(Which::Payment)).await;
+    env.seed(&[("frank", 1_000)], &[]).await;
+    let (_conn, ch) = env.amqp().await;
+    let (saga, order_id) = (Uuid::now_v7(), Uuid::now_v7());
+    publish_raw(&ch, COMMANDS_EXCHANGE, "payment", "RefundPayment", &command(saga, order_id, 1, "compensation", "frank", 400)).await;
+    let comp = take_messages(&ch, REPLIES_QUEUE, 1, WITHIN).await;
+    assert_eq!(comp[0].0["kind"], "compensation");
+    assert_eq!(comp[0].0["outcome"], "success");
+    assert_eq!(comp[0].0["data"]["noop"], true);
+
+    publish_raw(&ch, COMMANDS_EXCHANGE, "payment", "ChargePayment", &command(saga, order_id, 1, "action", "frank", 400)).await;
+    let late = take_messages(&ch, REPLIES_QUEUE, 1, WITHIN).await;
+    assert_eq!(late[0].0["kind"], "action");
+    assert_eq!(late[0].0["outcome"], "failure");
+    assert_eq!(late[0].0["retryable"], false);
+    assert!(late[0].0["reason"].as_str().unwrap().contains("barrier"), "{}", late[0].0);
+    assert_eq!(env.balance("frank").await, 1_000, "the late action had no effect");
+    assert!(env.payments(order_id).await.is_empty());
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_command_is_dead_lettered_and_the_participant_keeps_serving() {
+    let mut env = TestEnv::start(Setup::only(Which::Payment)).await;
+    env.seed(&[("gina", 1_000)], &[]).await;
+    let (_conn, ch) = env.amqp().await;
+    publish_raw(&ch, COMMANDS_EXCHANGE, "payment", "ChargePayment", b"\x00 this is not json").await;
+    publish_raw(&ch, COMMANDS_EXCHANGE, "payment", "ChargePayment", br#"{"saga_id": "x"}"#).await;
+    let dead = take_messages(&ch, DEAD_LETTER_QUEUE, 2, WITHIN).await;
+    for (body, headers) in &dead {
+        let reason = header(headers, HEADER_REASON).unwrap_or_default();
+        assert!(reason.contains("undecodable command"), "reason {reason:?} for {body}");
+        assert_eq!(header(headers, "x-skald-original-queue").as_deref(), Some("skald.payment.commands"));
+    }
+    // A command of an unknown type is dead-lettered too, not retried forever.
+    let order_id = Uuid::now_v7();
+    publish_raw(&ch, COMMANDS_EXCHANGE, "payment", "StealMoney", &command(Uuid::now_v7(), order_id, 1, "action", "gina", 1)).await;
+    let dead = take_messages(&ch, DEAD_LETTER_QUEUE, 1, WITHIN).await;
+    assert!(header(&dead[0].1, HEADER_REASON).unwrap().contains("StealMoney"));
+
+    publish_raw(&ch, COMMANDS_EXCHANGE, "payment", "ChargePayment", &command(Uuid::now_v7(), order_id, 1, "action", "gina", 250)).await;
+    let replies = take_messages(&ch, REPLIES_QUEUE, 1, WITHIN).await;
+    let reply: &Value = &replies[0].0;
+    assert_eq!(reply["outcome"], "success", "{reply}");
+    assert_eq!(env.balance("gina").await, 750);
+    env.stop().await;
+}

@@ -26,9 +26,17 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/coordin
 
 /// Coordinator settings; every field is an environment variable (see `--help`).
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "coordinator", version, about = "Skald coordinator: HTTP API, saga engine, outbox relay, timeout sweeper")]
+#[command(
+    name = "coordinator",
+    version,
+    about = "Skald coordinator: HTTP API, saga engine, outbox relay, timeout sweeper"
+)]
 pub struct Config {
-    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/skald")]
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/skald"
+    )]
     pub database_url: String,
     #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     pub amqp_url: String,

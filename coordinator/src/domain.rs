@@ -20,7 +20,8 @@ impl CustomerId {
     pub fn parse(s: &str) -> Result<Self, ValidationError> {
         let ok = !s.is_empty()
             && s.len() <= 64
-            && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
         ok.then(|| Self(s.to_owned()))
             .ok_or_else(|| invalid("customer_id must be 1-64 characters of letters, digits, '-', '_', '.', ':'"))
     }
@@ -53,7 +54,8 @@ impl Sku {
     pub fn parse(s: &str) -> Result<Self, ValidationError> {
         let ok = !s.is_empty()
             && s.len() <= 64
-            && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
         ok.then(|| Self(s.to_owned()))
             .ok_or_else(|| invalid("sku must be 1-64 characters of letters, digits, '-', '_', '.'"))
     }
@@ -213,10 +215,25 @@ mod tests {
     #[test]
     fn refuses_bad_orders_with_a_message_naming_the_field() {
         assert!(NewOrder::parse(req(vec![])).unwrap_err().0.contains("items"));
-        assert!(NewOrder::parse(req(vec![("a", -1, 1)])).unwrap_err().0.contains("items[0]: quantity"));
+        assert!(
+            NewOrder::parse(req(vec![("a", -1, 1)]))
+                .unwrap_err()
+                .0
+                .contains("items[0]: quantity")
+        );
         assert!(NewOrder::parse(req(vec![("a", 0, 1)])).is_err());
-        assert!(NewOrder::parse(req(vec![("a", 1, -5)])).unwrap_err().0.contains("amounts"));
-        assert!(NewOrder::parse(req(vec![("a", 1, 1), ("a", 1, 1)])).unwrap_err().0.contains("twice"));
+        assert!(
+            NewOrder::parse(req(vec![("a", 1, -5)]))
+                .unwrap_err()
+                .0
+                .contains("amounts")
+        );
+        assert!(
+            NewOrder::parse(req(vec![("a", 1, 1), ("a", 1, 1)]))
+                .unwrap_err()
+                .0
+                .contains("twice")
+        );
         assert!(NewOrder::parse(req(vec![("", 1, 1)])).unwrap_err().0.contains("sku"));
         let mut r = req(vec![("a", 1, 1)]);
         r.currency = "eur".into();

@@ -226,7 +226,11 @@ pub fn saga_json(s: &SagaRecord) -> Value {
 
 async fn get_saga(State(state): State<ApiState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
     let id = parse_id(&id, "saga")?;
-    let saga = state.store.saga(id).await?.ok_or_else(|| ApiError::NotFound(format!("saga {id}")))?;
+    let saga = state
+        .store
+        .saga(id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("saga {id}")))?;
     Ok(Json(saga_json(&saga)))
 }
 
@@ -251,7 +255,9 @@ async fn list_sagas(
         Some(a) => Some(parse_id(a, "after")?),
     };
     let sagas = state.store.list_sagas(status, limit, after).await?;
-    let next = (sagas.len() as i64 == limit).then(|| sagas.last().map(|s| s.id)).flatten();
+    let next = (sagas.len() as i64 == limit)
+        .then(|| sagas.last().map(|s| s.id))
+        .flatten();
     let items: Vec<Value> = sagas
         .iter()
         .map(|s| {
@@ -339,6 +345,10 @@ async fn readyz(State(state): State<ApiState>) -> Response {
         "status": if ready { "ready" } else { "not_ready" },
         "checks": {"postgres": word(pg), "rabbitmq": word(amqp), "redis": word(redis)},
     });
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (status, Json(body)).into_response()
 }

@@ -14,7 +14,7 @@ async fn main() {
     }
     .await;
     if let Err(e) = result {
-        eprintln!("coordinator: {e:#}");
+        eprintln!("coordinator: {}", skald_wire::telemetry::one_line(e.as_ref()));
         std::process::exit(1);
     }
 }

@@ -111,16 +111,16 @@ impl ReplyConsumer {
             };
             for ((verdict, &i), ev) in verdicts.iter().zip(&positions).zip(&events) {
                 match verdict {
-                    Verdict::Poison(reason) => amqp::dead_letter(dead_letters, &batch[i], REPLIES_QUEUE, reason).await?,
+                    Verdict::Poison(reason) => {
+                        amqp::dead_letter(dead_letters, &batch[i], REPLIES_QUEUE, reason).await?
+                    }
                     Verdict::Ignored(why) => tracing::debug!(saga_id = %ev.saga_id, why, "reply ignored"),
                     Verdict::Applied => {}
                 }
             }
         }
         if let Some(last) = batch.last() {
-            last.acker
-                .ack(BasicAckOptions { multiple: true })
-                .await?;
+            last.acker.ack(BasicAckOptions { multiple: true }).await?;
         }
         Ok(())
     }
@@ -159,8 +159,7 @@ impl ReplyConsumer {
 }
 
 fn decode(d: &Delivery) -> Result<ReplyEvent, String> {
-    let reply: ReplyEnvelope =
-        serde_json::from_slice(&d.data).map_err(|e| format!("undecodable reply: {e}"))?;
+    let reply: ReplyEnvelope = serde_json::from_slice(&d.data).map_err(|e| format!("undecodable reply: {e}"))?;
     let outcome = match reply.outcome {
         ReplyOutcome::Success => Outcome::Success { data: reply.data },
         ReplyOutcome::Failure => Outcome::Failure {

@@ -241,12 +241,11 @@ impl Store {
         ids.dedup();
         let mut tx = self.pool.begin().await?;
         // Sorted ids: two coordinators locking overlapping batches cannot deadlock.
-        let rows = sqlx::query(
-            "SELECT id, saga_type, state, payload FROM sagas WHERE id = ANY($1) ORDER BY id FOR UPDATE",
-        )
-        .bind(&ids)
-        .fetch_all(&mut *tx)
-        .await?;
+        let rows =
+            sqlx::query("SELECT id, saga_type, state, payload FROM sagas WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+                .bind(&ids)
+                .fetch_all(&mut *tx)
+                .await?;
         let mut loaded = HashMap::with_capacity(rows.len());
         for row in rows {
             let l = self.load(&row)?;
@@ -259,11 +258,13 @@ impl Store {
                 verdicts.push(Verdict::Poison(format!("unknown saga {}", r.saga_id)));
                 continue;
             };
-            verdicts.push(match skald_engine::apply(&saga.def, saga.state.clone(), r.event.clone(), ctx) {
-                Ok(t) => absorb(saga, t),
-                Err(e @ EngineError::UnknownStep { .. }) => Verdict::Poison(e.to_string()),
-                Err(e) => return Err(e.into()),
-            });
+            verdicts.push(
+                match skald_engine::apply(&saga.def, saga.state.clone(), r.event.clone(), ctx) {
+                    Ok(t) => absorb(saga, t),
+                    Err(e @ EngineError::UnknownStep { .. }) => Verdict::Poison(e.to_string()),
+                    Err(e) => return Err(e.into()),
+                },
+            );
         }
         self.persist(&mut tx, loaded.into_values().collect(), ctx.now).await?;
         tx.commit().await?;

@@ -80,7 +80,10 @@ pub enum StepStatus {
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum AttemptOutcome {
     Succeeded,
-    Failed { retryable: bool, reason: String },
+    Failed {
+        retryable: bool,
+        reason: String,
+    },
     TimedOut,
     /// An operator aborted the saga while this attempt was in flight.
     Abandoned,

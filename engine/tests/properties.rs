@@ -15,8 +15,8 @@ use proptest::sample::Index;
 use proptest::test_runner::TestCaseError;
 use serde_json::json;
 use skald_engine::{
-    Applied, CommandSpec, Ctx, EngineError, Event, Kind, Outcome, RetryPolicy, SagaDefinition,
-    SagaState, SagaStatus, StepStatus, Transition, apply, start,
+    Applied, CommandSpec, Ctx, EngineError, Event, Kind, Outcome, RetryPolicy, SagaDefinition, SagaState, SagaStatus,
+    StepStatus, Transition, apply, start,
 };
 
 /// Events after which the simulator stops choosing at random and only
@@ -114,13 +114,11 @@ fn choice() -> impl Strategy<Value = Choice> {
 }
 
 fn case() -> impl Strategy<Value = Case> {
-    let step = (any::<bool>(), 1u32..=3, 100u64..2_000).prop_map(
-        |(compensable, max_attempts, timeout_ms)| StepSpec {
-            compensable,
-            max_attempts,
-            timeout_ms,
-        },
-    );
+    let step = (any::<bool>(), 1u32..=3, 100u64..2_000).prop_map(|(compensable, max_attempts, timeout_ms)| StepSpec {
+        compensable,
+        max_attempts,
+        timeout_ms,
+    });
     (
         prop::collection::vec(step, 1..=5),
         1u32..=4,
@@ -131,15 +129,7 @@ fn case() -> impl Strategy<Value = Case> {
         prop::option::weighted(0.2, 0usize..30),
     )
         .prop_map(
-            |(
-                steps,
-                compensation_attempts,
-                compensation_timeout_ms,
-                compensations_fail,
-                jitter,
-                events,
-                abort_at,
-            )| {
+            |(steps, compensation_attempts, compensation_timeout_ms, compensations_fail, jitter, events, abort_at)| {
                 Case {
                     steps,
                     compensation_attempts,
@@ -284,11 +274,7 @@ impl Sim {
         let t = self
             .apply(event)
             .map_err(|e| TestCaseError::fail(format!("{shown} was refused: {e}")))?;
-        prop_assert!(
-            matches!(t.applied, Applied::Ignored(_)),
-            "{} was not ignored",
-            shown
-        );
+        prop_assert!(matches!(t.applied, Applied::Ignored(_)), "{} was not ignored", shown);
         prop_assert!(t.commands.is_empty(), "{} issued {:?}", shown, t.commands);
         prop_assert_eq!(&t.state, &self.state, "{} changed the state", shown);
         Ok(())
@@ -305,9 +291,7 @@ impl Sim {
     }
 
     fn compensations_issued(&self) -> impl Iterator<Item = &Issued> {
-        self.issued
-            .iter()
-            .filter(|c| c.cmd.kind == Kind::Compensation)
+        self.issued.iter().filter(|c| c.cmd.kind == Kind::Compensation)
     }
 
     fn count_issued(&self, i: usize, kind: Kind) -> u32 {
@@ -320,19 +304,14 @@ impl Sim {
     /// Checks commands just issued against what happened so far, and
     /// remembers them.
     fn record(&mut self, commands: Vec<CommandSpec>) -> Result<(), TestCaseError> {
-        prop_assert!(
-            commands.len() <= 1,
-            "more than one command at once: {:?}",
-            commands
-        );
+        prop_assert!(commands.len() <= 1, "more than one command at once: {:?}", commands);
         for cmd in commands {
             let i = self.step_index(&cmd)?;
             let step = &self.def.steps()[i];
             // (c) no command twice
             for earlier in &self.issued {
                 prop_assert!(
-                    (&earlier.cmd.step, earlier.cmd.attempt, earlier.cmd.kind)
-                        != (&cmd.step, cmd.attempt, cmd.kind),
+                    (&earlier.cmd.step, earlier.cmd.attempt, earlier.cmd.kind) != (&cmd.step, cmd.attempt, cmd.kind),
                     "issued twice: {:?}",
                     cmd
                 );
@@ -342,16 +321,8 @@ impl Sim {
                     prop_assert_eq!(&cmd.participant, &step.participant);
                     prop_assert_eq!(&cmd.message_type, &step.action);
                     prop_assert_eq!(cmd.attempt, self.count_issued(i, Kind::Action) + 1);
-                    prop_assert!(
-                        cmd.attempt <= step.retry.max_attempts,
-                        "too many attempts: {:?}",
-                        cmd
-                    );
-                    prop_assert!(
-                        self.succeeded[..i].iter().all(|&s| s),
-                        "{:?} sent out of order",
-                        cmd
-                    );
+                    prop_assert!(cmd.attempt <= step.retry.max_attempts, "too many attempts: {:?}", cmd);
+                    prop_assert!(self.succeeded[..i].iter().all(|&s| s), "{:?} sent out of order", cmd);
                     prop_assert!(!self.succeeded[i], "{:?}: the step already succeeded", cmd);
                     prop_assert!(
                         self.compensations_issued().next().is_none(),
@@ -380,18 +351,12 @@ impl Sim {
                             last.index
                         );
                         if i != last.index {
-                            prop_assert!(
-                                self.compensated[last.index],
-                                "{:?}: step {} not done",
-                                cmd,
-                                last.index
-                            );
+                            prop_assert!(self.compensated[last.index], "{:?}: step {} not done", cmd, last.index);
                             self.compensation_failures = 0;
                         }
                     }
                     for j in i + 1..self.succeeded.len() {
-                        let needs =
-                            self.may_have_run(j) && self.def.steps()[j].compensation.is_some();
+                        let needs = self.may_have_run(j) && self.def.steps()[j].compensation.is_some();
                         prop_assert!(
                             !needs || self.compensated[j],
                             "{:?} before compensating step {}",
@@ -430,6 +395,10 @@ impl Sim {
             prop_assert!(s.wake_at.is_some(), "active saga without wake_at");
             prop_assert_eq!(s.finished_at, None);
         }
+        // The coordinator stores the state as JSON between events.
+        let json = serde_json::to_string(s).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let back: SagaState = serde_json::from_str(&json).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert_eq!(&back, s, "JSON round trip");
         Ok(())
     }
 
@@ -442,55 +411,49 @@ impl Sim {
     ) -> Result<(), TestCaseError> {
         if gives_up || cmd.attempt >= self.def.steps()[self.step_index(cmd)?].retry.max_attempts {
             prop_assert!(
-                matches!(
-                    self.state.status,
-                    SagaStatus::Compensating | SagaStatus::Compensated
-                ),
+                matches!(self.state.status, SagaStatus::Compensating | SagaStatus::Compensated),
                 "{:?} failed for good but the saga is {:?}",
                 cmd,
                 self.state.status
             );
         } else {
-            prop_assert_eq!(
-                self.state.status,
-                SagaStatus::Running,
-                "{:?} should be retried",
-                cmd
-            );
+            prop_assert_eq!(self.state.status, SagaStatus::Running, "{:?} should be retried", cmd);
             prop_assert!(
                 sent.is_empty(),
                 "retry of {:?} sent before the backoff: {:?}",
                 cmd,
                 sent
             );
+            // Every attempt so far failed: `attempt` failures in a row.
+            let policy = &self.def.steps()[self.step_index(cmd)?].retry;
+            let backoff = policy.backoff(cmd.attempt, self.jitter);
+            prop_assert_eq!(self.state.wake_at, Some(self.now + backoff), "backoff after {:?}", cmd);
         }
         Ok(())
     }
 
     /// What must follow a compensation that failed (reply or timeout).
-    fn after_compensation_failure(
-        &mut self,
-        cmd: &CommandSpec,
-        sent: &[CommandSpec],
-    ) -> Result<(), TestCaseError> {
+    fn after_compensation_failure(&mut self, cmd: &CommandSpec, sent: &[CommandSpec]) -> Result<(), TestCaseError> {
         self.compensation_failures += 1;
-        prop_assert!(
-            sent.is_empty(),
-            "{:?} failed but {:?} was sent at once",
-            cmd,
-            sent
-        );
-        let expected = if self.compensation_failures >= self.def.compensation_retry().max_attempts {
-            SagaStatus::Stuck
+        prop_assert!(sent.is_empty(), "{:?} failed but {:?} was sent at once", cmd, sent);
+        let policy = self.def.compensation_retry();
+        if self.compensation_failures >= policy.max_attempts {
+            prop_assert_eq!(
+                self.state.status,
+                SagaStatus::Stuck,
+                "after {} compensation failures",
+                self.compensation_failures
+            );
         } else {
-            SagaStatus::Compensating
-        };
-        prop_assert_eq!(
-            self.state.status,
-            expected,
-            "after {} compensation failures in a row",
-            self.compensation_failures
-        );
+            prop_assert_eq!(
+                self.state.status,
+                SagaStatus::Compensating,
+                "after {} compensation failures",
+                self.compensation_failures
+            );
+            let backoff = policy.backoff(self.compensation_failures, self.jitter);
+            prop_assert_eq!(self.state.wake_at, Some(self.now + backoff), "backoff after {:?}", cmd);
+        }
         Ok(())
     }
 
@@ -502,9 +465,7 @@ impl Sim {
         let cmd = self.issued[k].cmd.clone();
         let i = self.issued[k].index;
         let said = match (cmd.kind, said) {
-            (Kind::Compensation, Said::Success) if self.compensations_fail => {
-                Said::TransientFailure
-            }
+            (Kind::Compensation, Said::Success) if self.compensations_fail => Said::TransientFailure,
             _ => said,
         };
         let event = reply_to(&cmd, said);
@@ -525,9 +486,7 @@ impl Sim {
                 self.business_failed[i] = true;
                 self.after_action_failure(&cmd, true, &sent)?;
             }
-            (Kind::Action, Said::TransientFailure) => {
-                self.after_action_failure(&cmd, false, &sent)?
-            }
+            (Kind::Action, Said::TransientFailure) => self.after_action_failure(&cmd, false, &sent)?,
             (Kind::Compensation, Said::Success) => {
                 self.compensated[i] = true;
                 self.compensation_failures = 0;
@@ -550,11 +509,7 @@ impl Sim {
         match self.in_flight.take() {
             Some(k) => {
                 let cmd = self.issued[k].cmd.clone();
-                prop_assert!(
-                    self.now >= self.issued[k].deadline,
-                    "{:?} timed out early",
-                    cmd
-                );
+                prop_assert!(self.now >= self.issued[k].deadline, "{:?} timed out early", cmd);
                 match cmd.kind {
                     Kind::Action => {
                         self.timed_out[self.issued[k].index] = true;
@@ -571,11 +526,7 @@ impl Sim {
                     _ => Kind::Compensation,
                 };
                 prop_assert_eq!(sent[0].kind, expected);
-                prop_assert!(
-                    sent[0].attempt > 1,
-                    "a backoff precedes only a retry: {:?}",
-                    sent[0]
-                );
+                prop_assert!(sent[0].attempt > 1, "a backoff precedes only a retry: {:?}", sent[0]);
             }
         }
         self.record(sent)?;
@@ -607,18 +558,9 @@ impl Sim {
         self.expect_ignored(reply_to(&stale[pick.index(stale.len())].cmd, said))
     }
 
-    fn unknown_attempt(
-        &self,
-        pick: &Index,
-        compensation: bool,
-        past: u32,
-    ) -> Result<(), TestCaseError> {
+    fn unknown_attempt(&self, pick: &Index, compensation: bool, past: u32) -> Result<(), TestCaseError> {
         let i = pick.index(self.succeeded.len());
-        let kind = if compensation {
-            Kind::Compensation
-        } else {
-            Kind::Action
-        };
+        let kind = if compensation { Kind::Compensation } else { Kind::Action };
         let attempt = if past == 0 {
             0
         } else {
@@ -653,13 +595,7 @@ impl Sim {
         if self.state.status != SagaStatus::Stuck {
             let got = self.apply(Event::Retry);
             prop_assert!(
-                matches!(
-                    got,
-                    Err(EngineError::InvalidOperatorAction {
-                        action: "retry",
-                        ..
-                    })
-                ),
+                matches!(got, Err(EngineError::InvalidOperatorAction { action: "retry", .. })),
                 "retry of a {:?} saga: {:?}",
                 self.state.status,
                 got
@@ -678,35 +614,22 @@ impl Sim {
 
     fn abort(&mut self) -> Result<(), TestCaseError> {
         if self.state.status != SagaStatus::Running {
-            let got = self.apply(Event::Abort {
-                reason: "op".into(),
-            });
+            let got = self.apply(Event::Abort { reason: "op".into() });
             prop_assert!(
-                matches!(
-                    got,
-                    Err(EngineError::InvalidOperatorAction {
-                        action: "abort",
-                        ..
-                    })
-                ),
+                matches!(got, Err(EngineError::InvalidOperatorAction { action: "abort", .. })),
                 "abort of a {:?} saga: {:?}",
                 self.state.status,
                 got
             );
             return Ok(());
         }
-        let sent = self.apply_changed(Event::Abort {
-            reason: "op".into(),
-        })?;
+        let sent = self.apply_changed(Event::Abort { reason: "op".into() })?;
         self.aborted = true;
         if let Some(k) = self.in_flight.take() {
             self.aborted_in_flight[self.issued[k].index] = true;
         }
         prop_assert!(
-            matches!(
-                self.state.status,
-                SagaStatus::Compensating | SagaStatus::Compensated
-            ),
+            matches!(self.state.status, SagaStatus::Compensating | SagaStatus::Compensated),
             "aborted but {:?}",
             self.state.status
         );
@@ -724,9 +647,7 @@ impl Sim {
             Choice::EarlyTick => self.early_tick(),
             Choice::Duplicate(pick) => self.duplicate(pick),
             Choice::Stale(pick, said) => self.stale(pick, *said),
-            Choice::UnknownAttempt(pick, compensation, past) => {
-                self.unknown_attempt(pick, *compensation, *past)
-            }
+            Choice::UnknownAttempt(pick, compensation, past) => self.unknown_attempt(pick, *compensation, *past),
             Choice::UnknownStep => self.unknown_step(),
             Choice::Retry => self.retry(),
         }
@@ -762,9 +683,7 @@ impl Sim {
                 self.expect_ignored(reply_to(&c.cmd, said))?;
             }
         }
-        let abort = self.apply(Event::Abort {
-            reason: "late".into(),
-        });
+        let abort = self.apply(Event::Abort { reason: "late".into() });
         prop_assert!(
             matches!(abort, Err(EngineError::InvalidOperatorAction { .. })),
             "abort of a final saga: {:?}",
@@ -794,12 +713,7 @@ impl Sim {
                     "completed after compensating {:?}",
                     compensations
                 );
-                prop_assert!(
-                    self.state
-                        .steps
-                        .iter()
-                        .all(|s| s.status == StepStatus::Succeeded)
-                );
+                prop_assert!(self.state.steps.iter().all(|s| s.status == StepStatus::Succeeded));
             }
             SagaStatus::Compensated => {
                 prop_assert!(
@@ -830,10 +744,7 @@ impl Sim {
                 }
             }
             SagaStatus::Stuck => {
-                prop_assert!(
-                    self.compensations_fail,
-                    "stuck although compensations succeed"
-                );
+                prop_assert!(self.compensations_fail, "stuck although compensations succeed");
             }
             s => return Err(TestCaseError::fail(format!("not final: {s:?}"))),
         }

@@ -8,8 +8,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde_json::json;
 use skald_engine::{
-    Applied, AttemptOutcome, CommandSpec, Ctx, EngineError, Event, Kind, Outcome, ParticipantName,
-    RetryPolicy, SagaDefinition, SagaState, SagaStatus, StepStatus, apply, start,
+    Applied, AttemptOutcome, CommandSpec, Ctx, EngineError, Event, Kind, Outcome, ParticipantName, RetryPolicy,
+    SagaDefinition, SagaState, SagaStatus, StepStatus, apply, start,
 };
 
 const STEP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -60,13 +60,7 @@ fn secs(s: f64) -> Duration {
     Duration::from_secs_f64(s)
 }
 
-fn command(
-    kind: Kind,
-    step: &str,
-    attempt: u32,
-    participant: &str,
-    message_type: &str,
-) -> CommandSpec {
+fn command(kind: Kind, step: &str, attempt: u32, participant: &str, message_type: &str) -> CommandSpec {
     CommandSpec {
         step: step.to_owned(),
         attempt,
@@ -77,49 +71,19 @@ fn command(
 }
 
 fn create_order(attempt: u32) -> CommandSpec {
-    command(
-        Kind::Action,
-        "create_order",
-        attempt,
-        "order",
-        "CreateOrder",
-    )
+    command(Kind::Action, "create_order", attempt, "order", "CreateOrder")
 }
 fn charge_payment(attempt: u32) -> CommandSpec {
-    command(
-        Kind::Action,
-        "charge_payment",
-        attempt,
-        "payment",
-        "ChargePayment",
-    )
+    command(Kind::Action, "charge_payment", attempt, "payment", "ChargePayment")
 }
 fn reserve_stock(attempt: u32) -> CommandSpec {
-    command(
-        Kind::Action,
-        "reserve_stock",
-        attempt,
-        "inventory",
-        "ReserveStock",
-    )
+    command(Kind::Action, "reserve_stock", attempt, "inventory", "ReserveStock")
 }
 fn approve_order(attempt: u32) -> CommandSpec {
-    command(
-        Kind::Action,
-        "approve_order",
-        attempt,
-        "order",
-        "ApproveOrder",
-    )
+    command(Kind::Action, "approve_order", attempt, "order", "ApproveOrder")
 }
 fn cancel_order(attempt: u32) -> CommandSpec {
-    command(
-        Kind::Compensation,
-        "create_order",
-        attempt,
-        "order",
-        "CancelOrder",
-    )
+    command(Kind::Compensation, "create_order", attempt, "order", "CancelOrder")
 }
 fn refund_payment(attempt: u32) -> CommandSpec {
     command(
@@ -168,13 +132,7 @@ impl SagaTest {
     fn given() -> Self {
         let def = order_saga();
         let now = t0();
-        let t = start(
-            &def,
-            Ctx {
-                now,
-                jitter: JITTER,
-            },
-        );
+        let t = start(&def, Ctx { now, jitter: JITTER });
         Self {
             def,
             now,
@@ -217,31 +175,16 @@ impl SagaTest {
         self.when(reply(step, attempt, Kind::Action, success()))
     }
     fn fails(&mut self, step: &str, attempt: u32) -> &mut Self {
-        self.when(reply(
-            step,
-            attempt,
-            Kind::Action,
-            failure(false, "declined"),
-        ))
+        self.when(reply(step, attempt, Kind::Action, failure(false, "declined")))
     }
     fn fails_transiently(&mut self, step: &str, attempt: u32) -> &mut Self {
-        self.when(reply(
-            step,
-            attempt,
-            Kind::Action,
-            failure(true, "unavailable"),
-        ))
+        self.when(reply(step, attempt, Kind::Action, failure(true, "unavailable")))
     }
     fn compensated(&mut self, step: &str, attempt: u32) -> &mut Self {
         self.when(reply(step, attempt, Kind::Compensation, success()))
     }
     fn compensation_fails(&mut self, step: &str, attempt: u32) -> &mut Self {
-        self.when(reply(
-            step,
-            attempt,
-            Kind::Compensation,
-            failure(true, "db down"),
-        ))
+        self.when(reply(step, attempt, Kind::Compensation, failure(true, "db down")))
     }
 
     /// Moves the clock forward.
@@ -300,11 +243,7 @@ impl SagaTest {
     }
     fn action_outcomes(&self, step: &str) -> Vec<Option<AttemptOutcome>> {
         let i = self.def.step_index(step).expect("known step");
-        self.state.steps[i]
-            .attempts
-            .iter()
-            .map(|a| a.outcome.clone())
-            .collect()
+        self.state.steps[i].attempts.iter().map(|a| a.outcome.clone()).collect()
     }
 }
 
@@ -350,10 +289,7 @@ fn happy_path_runs_the_four_actions_in_order_and_completes() {
     assert_eq!(saga.state.failure, None);
     assert_eq!(saga.state.steps[0].data, json!({"order_id": 42}));
     assert!(saga.state.steps.iter().all(|s| s.compensations.is_empty()));
-    assert_eq!(
-        saga.action_outcomes("approve_order"),
-        [Some(AttemptOutcome::Succeeded)]
-    );
+    assert_eq!(saga.action_outcomes("approve_order"), [Some(AttemptOutcome::Succeeded)]);
 
     // Nothing is due any more.
     saga.wait(secs(3600.0)).tick().expect_ignored();
@@ -432,10 +368,8 @@ fn business_failure_at_the_last_step_compensates_the_three_before_it() {
             "inventory",
             "ReleaseStock",
         )]);
-    saga.compensated("reserve_stock", 1)
-        .expect(&[refund_payment(1)]);
-    saga.compensated("charge_payment", 1)
-        .expect(&[cancel_order(1)]);
+    saga.compensated("reserve_stock", 1).expect(&[refund_payment(1)]);
+    saga.compensated("charge_payment", 1).expect(&[cancel_order(1)]);
     saga.compensated("create_order", 1)
         .expect(&[])
         .expect_status(SagaStatus::Compensated);
@@ -468,8 +402,7 @@ fn transient_failure_waits_for_a_tick_then_sends_the_next_attempt() {
         .expect_wake_at(failed_again_at + secs(1.5));
     saga.tick_at_wake_at().expect(&[charge_payment(3)]);
 
-    saga.succeeds("charge_payment", 3)
-        .expect(&[reserve_stock(1)]);
+    saga.succeeds("charge_payment", 3).expect(&[reserve_stock(1)]);
     assert_eq!(
         saga.action_outcomes("charge_payment"),
         [
@@ -492,10 +425,8 @@ fn transient_failure_waits_for_a_tick_then_sends_the_next_attempt() {
 #[test]
 fn transient_failures_until_attempts_run_out_compensate_the_steps_before() {
     let mut saga = SagaTest::given();
-    saga.succeeds("create_order", 1)
-        .fails_transiently("charge_payment", 1);
-    saga.tick_at_wake_at()
-        .fails_transiently("charge_payment", 2);
+    saga.succeeds("create_order", 1).fails_transiently("charge_payment", 1);
+    saga.tick_at_wake_at().fails_transiently("charge_payment", 2);
     saga.tick_at_wake_at()
         .expect(&[charge_payment(3)])
         .fails_transiently("charge_payment", 3)
@@ -521,10 +452,7 @@ fn tick_before_wake_at_is_ignored() {
         .tick()
         .expect(&[])
         .expect_status(SagaStatus::Running);
-    assert_eq!(
-        saga.action_outcomes("create_order"),
-        [Some(AttemptOutcome::TimedOut)]
-    );
+    assert_eq!(saga.action_outcomes("create_order"), [Some(AttemptOutcome::TimedOut)]);
     // A backoff that has not ended yet.
     let wake_at = saga.state.wake_at.expect("backing off");
     saga.now = wake_at - Duration::from_millis(1);
@@ -558,8 +486,7 @@ fn timeout_of_the_last_attempt_of_step_2_compensates_step_2_too() {
         [const { Some(AttemptOutcome::TimedOut) }; 3]
     );
     assert!(saga.state.steps[1].may_have_run);
-    saga.compensated("charge_payment", 1)
-        .expect(&[cancel_order(1)]);
+    saga.compensated("charge_payment", 1).expect(&[cancel_order(1)]);
     saga.compensated("create_order", 1)
         .expect(&[])
         .expect_status(SagaStatus::Compensated)
@@ -580,17 +507,18 @@ fn an_earlier_timeout_makes_a_later_business_failure_compensate_the_step() {
     saga.fails("charge_payment", 2)
         .expect(&[refund_payment(1)])
         .expect_status(SagaStatus::Compensating);
-    saga.compensated("charge_payment", 1)
-        .expect(&[cancel_order(1)]);
+    saga.compensated("charge_payment", 1).expect(&[cancel_order(1)]);
 }
 
 #[test]
 fn stale_reply_from_an_earlier_attempt_is_ignored() {
     let mut saga = SagaTest::given();
     saga.succeeds("create_order", 1);
-    saga.tick_at_wake_at()
-        .tick_at_wake_at()
-        .expect(&[charge_payment(2)]);
+    saga.tick_at_wake_at().expect(&[]);
+    // Attempt 1 timed out and answers during the backoff: too late.
+    saga.succeeds("charge_payment", 1).expect_ignored();
+    saga.fails("charge_payment", 1).expect_ignored();
+    saga.tick_at_wake_at().expect(&[charge_payment(2)]);
 
     // Attempt 1 answers late, after attempt 2 was sent: whatever it says.
     saga.succeeds("charge_payment", 1).expect_ignored();
@@ -604,24 +532,33 @@ fn stale_reply_from_an_earlier_attempt_is_ignored() {
     // A compensation reply while running.
     saga.compensated("create_order", 1).expect_ignored();
 
-    saga.succeeds("charge_payment", 2)
-        .expect(&[reserve_stock(1)]);
+    saga.succeeds("charge_payment", 2).expect(&[reserve_stock(1)]);
 }
 
 #[test]
 fn duplicate_reply_is_ignored() {
     let mut saga = SagaTest::given();
-    saga.succeeds("create_order", 1)
-        .expect(&[charge_payment(1)]);
+    saga.succeeds("create_order", 1).expect(&[charge_payment(1)]);
     saga.succeeds("create_order", 1).expect_ignored();
 
-    saga.fails("charge_payment", 1).expect(&[cancel_order(1)]);
-    saga.fails("charge_payment", 1).expect_ignored();
+    // The same transient failure twice, during the backoff it started.
+    saga.fails_transiently("charge_payment", 1).expect(&[]);
+    saga.fails_transiently("charge_payment", 1).expect_ignored();
+    saga.tick_at_wake_at().expect(&[charge_payment(2)]);
+    saga.fails_transiently("charge_payment", 1).expect_ignored();
 
-    saga.compensated("create_order", 1)
+    saga.fails("charge_payment", 2).expect(&[cancel_order(1)]);
+    saga.fails("charge_payment", 2).expect_ignored();
+
+    // The same compensation failure twice.
+    saga.compensation_fails("create_order", 1).expect(&[]);
+    saga.compensation_fails("create_order", 1).expect_ignored();
+    saga.tick_at_wake_at().expect(&[cancel_order(2)]);
+
+    saga.compensated("create_order", 2)
         .expect_status(SagaStatus::Compensated);
-    saga.compensated("create_order", 1).expect_ignored();
-    saga.fails("charge_payment", 1).expect_ignored();
+    saga.compensated("create_order", 2).expect_ignored();
+    saga.fails("charge_payment", 2).expect_ignored();
 }
 
 #[test]
@@ -637,10 +574,7 @@ fn compensation_that_keeps_failing_gets_stuck_until_an_operator_retries() {
         .expect(&[])
         .expect_status(SagaStatus::Compensating)
         .expect_wake_at(failed_at + secs(1.5));
-    assert_eq!(
-        saga.step_status("create_order"),
-        StepStatus::CompensationWait
-    );
+    assert_eq!(saga.step_status("create_order"), StepStatus::CompensationWait);
     saga.wait(secs(1.0)).tick().expect_ignored();
     saga.tick_at_wake_at()
         .expect(&[cancel_order(2)])
@@ -688,8 +622,7 @@ fn stuck_compensation_resumes_with_the_steps_before_it() {
     }
     saga.expect_status(SagaStatus::Stuck);
     saga.when(Event::Retry).expect(&[refund_payment(4)]);
-    saga.compensated("charge_payment", 4)
-        .expect(&[cancel_order(1)]);
+    saga.compensated("charge_payment", 4).expect(&[cancel_order(1)]);
     saga.compensated("create_order", 1)
         .expect(&[])
         .expect_status(SagaStatus::Compensated);
@@ -698,8 +631,7 @@ fn stuck_compensation_resumes_with_the_steps_before_it() {
 #[test]
 fn abort_with_an_attempt_in_flight_compensates_that_step_too() {
     let mut saga = SagaTest::given();
-    saga.succeeds("create_order", 1)
-        .expect(&[charge_payment(1)]);
+    saga.succeeds("create_order", 1).expect(&[charge_payment(1)]);
     saga.when(Event::Abort {
         reason: "customer called".into(),
     })
@@ -715,8 +647,7 @@ fn abort_with_an_attempt_in_flight_compensates_that_step_too() {
     // The abandoned attempt answers after all: too late.
     saga.succeeds("charge_payment", 1).expect_ignored();
 
-    saga.compensated("charge_payment", 1)
-        .expect(&[cancel_order(1)]);
+    saga.compensated("charge_payment", 1).expect(&[cancel_order(1)]);
     saga.compensated("create_order", 1)
         .expect(&[])
         .expect_status(SagaStatus::Compensated);
@@ -748,10 +679,8 @@ fn abort_while_backing_off_compensates_only_the_steps_that_may_have_run() {
 #[test]
 fn abort_of_the_first_step_in_flight_compensates_it() {
     let mut saga = SagaTest::given();
-    saga.when(Event::Abort {
-        reason: "test".into(),
-    })
-    .expect(&[cancel_order(1)]);
+    saga.when(Event::Abort { reason: "test".into() })
+        .expect(&[cancel_order(1)]);
     saga.compensated("create_order", 1)
         .expect_status(SagaStatus::Compensated);
 }
@@ -772,24 +701,20 @@ fn retry_of_a_saga_that_is_not_stuck_is_refused() {
     assert_eq!(saga.rejects(Event::Retry), retry_refused("COMPENSATED"));
 
     let mut saga = two_steps_done();
-    saga.succeeds("reserve_stock", 1)
-        .succeeds("approve_order", 1);
+    saga.succeeds("reserve_stock", 1).succeeds("approve_order", 1);
     assert_eq!(saga.rejects(Event::Retry), retry_refused("COMPLETED"));
 }
 
 #[test]
 fn abort_of_a_saga_that_is_not_running_is_refused() {
-    let abort = || Event::Abort {
-        reason: "late".into(),
-    };
+    let abort = || Event::Abort { reason: "late".into() };
     let abort_refused = |status: &'static str| EngineError::InvalidOperatorAction {
         action: "abort",
         status,
     };
 
     let mut saga = two_steps_done();
-    saga.succeeds("reserve_stock", 1)
-        .succeeds("approve_order", 1);
+    saga.succeeds("reserve_stock", 1).succeeds("approve_order", 1);
     assert_eq!(saga.rejects(abort()), abort_refused("COMPLETED"));
 
     let mut saga = SagaTest::given();
@@ -831,10 +756,7 @@ fn state_of_another_definition_is_an_error() {
         .invoke("order", "Only")
         .build()
         .expect("valid definition");
-    let ctx = Ctx {
-        now: t0(),
-        jitter: 0.0,
-    };
+    let ctx = Ctx { now: t0(), jitter: 0.0 };
     assert_eq!(
         apply(&other, saga.state.clone(), Event::Tick, ctx),
         Err(EngineError::StateMismatch("other".into()))
@@ -886,8 +808,7 @@ fn state_round_trips_through_json_at_every_stage() {
     reloaded.when(Event::Retry);
     assert_eq!(reloaded.sent, saga.sent);
     assert_eq!(reloaded.state, saga.state);
-    saga.compensated("charge_payment", 4)
-        .compensated("create_order", 1);
+    saga.compensated("charge_payment", 4).compensated("create_order", 1);
     saga.expect_status(SagaStatus::Compensated);
     round_trip(&saga);
 }

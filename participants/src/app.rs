@@ -28,11 +28,23 @@ pub enum Which {
 /// Participant settings; every field is an environment variable (see `--help`).
 #[derive(Debug, Clone, clap::Args)]
 pub struct Config {
-    #[arg(long, env = "ORDERS_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/skald_orders")]
+    #[arg(
+        long,
+        env = "ORDERS_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/skald_orders"
+    )]
     pub orders_database_url: String,
-    #[arg(long, env = "PAYMENTS_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/skald_payments")]
+    #[arg(
+        long,
+        env = "PAYMENTS_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/skald_payments"
+    )]
     pub payments_database_url: String,
-    #[arg(long, env = "INVENTORY_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/skald_inventory")]
+    #[arg(
+        long,
+        env = "INVENTORY_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/skald_inventory"
+    )]
     pub inventory_database_url: String,
     #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     pub amqp_url: String,
@@ -70,7 +82,11 @@ pub struct Config {
 }
 
 #[derive(Debug, clap::Parser)]
-#[command(name = "participant", version, about = "A Skald participant: consumes commands, applies them with an inbox barrier, replies")]
+#[command(
+    name = "participant",
+    version,
+    about = "A Skald participant: consumes commands, applies them with an inbox barrier, replies"
+)]
 pub struct Cli {
     /// Which participant to run.
     #[arg(value_enum)]

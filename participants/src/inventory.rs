@@ -31,7 +31,11 @@ impl Handler for InventoryParticipant {
     }
 }
 
-async fn reserve(tx: &mut PgConnection, ctx: &CommandContext<'_>, order: &OrderPayload) -> Result<Handled, HandlerError> {
+async fn reserve(
+    tx: &mut PgConnection,
+    ctx: &CommandContext<'_>,
+    order: &OrderPayload,
+) -> Result<Handled, HandlerError> {
     // SKUs in sorted order: concurrent reservations lock rows in the same order.
     for (sku, quantity) in order.quantities() {
         let taken = sqlx::query("UPDATE stock SET available = available - $2 WHERE sku = $1 AND available >= $2")

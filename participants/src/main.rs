@@ -11,7 +11,11 @@ async fn main() {
     match Participant::build(cli.which, &cli.config).await {
         Ok(p) => p.run(shutdown).await,
         Err(e) => {
-            eprintln!("participant {:?}: {e:#}", cli.which);
+            eprintln!(
+                "participant {:?}: {}",
+                cli.which,
+                skald_wire::telemetry::one_line(e.as_ref())
+            );
             std::process::exit(1);
         }
     }

@@ -127,8 +127,14 @@ impl OrderStore {
 
     /// Status and fence of an order, locking the row.
     pub async fn get_for_update(&self, tx: &mut PgConnection, id: Uuid) -> Result<Option<(String, i64)>, HandlerError> {
-        let sql = format!("SELECT status, fence FROM {} WHERE id = $1 FOR UPDATE", self.shards.table(id));
-        let row = sqlx::query(AssertSqlSafe(sql)).bind(id).fetch_optional(&mut *tx).await?;
+        let sql = format!(
+            "SELECT status, fence FROM {} WHERE id = $1 FOR UPDATE",
+            self.shards.table(id)
+        );
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
         Ok(match row {
             Some(r) => Some((r.try_get("status")?, r.try_get("fence")?)),
             None => None,
@@ -137,7 +143,13 @@ impl OrderStore {
 
     /// Sets the status if `fence` is newer than the row's; refuses otherwise.
     /// Returns false if there is no such order.
-    pub async fn set_status(&self, tx: &mut PgConnection, id: Uuid, status: &str, fence: i64) -> Result<bool, HandlerError> {
+    pub async fn set_status(
+        &self,
+        tx: &mut PgConnection,
+        id: Uuid,
+        status: &str,
+        fence: i64,
+    ) -> Result<bool, HandlerError> {
         let sql = format!(
             "UPDATE {} SET status = $2, fence = $3, updated_at = now() WHERE id = $1 AND fence < $3",
             self.shards.table(id)

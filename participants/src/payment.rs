@@ -31,7 +31,11 @@ impl Handler for PaymentParticipant {
     }
 }
 
-async fn charge(tx: &mut PgConnection, ctx: &CommandContext<'_>, order: &OrderPayload) -> Result<Handled, HandlerError> {
+async fn charge(
+    tx: &mut PgConnection,
+    ctx: &CommandContext<'_>,
+    order: &OrderPayload,
+) -> Result<Handled, HandlerError> {
     let debited = sqlx::query(
         "UPDATE accounts SET balance_cents = balance_cents - $2
          WHERE customer_id = $1 AND balance_cents >= $2 RETURNING balance_cents",
@@ -46,7 +50,12 @@ async fn charge(tx: &mut PgConnection, ctx: &CommandContext<'_>, order: &OrderPa
             .fetch_one(&mut *tx)
             .await?;
         return Ok(Handled::BusinessFailure(
-            if exists { "insufficient_balance" } else { "unknown_customer" }.to_owned(),
+            if exists {
+                "insufficient_balance"
+            } else {
+                "unknown_customer"
+            }
+            .to_owned(),
         ));
     }
     sqlx::query(

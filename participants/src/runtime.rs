@@ -277,7 +277,8 @@ impl<H: Handler> Runtime<H> {
         let command = match serde_json::from_slice::<CommandEnvelope>(&delivery.data) {
             Ok(c) => c,
             Err(e) => {
-                self.reject(&delivery, dead_letters, queue, &format!("undecodable command: {e}")).await;
+                self.reject(&delivery, dead_letters, queue, &format!("undecodable command: {e}"))
+                    .await;
                 return;
             }
         };
@@ -411,7 +412,8 @@ impl<H: Handler> Runtime<H> {
                     false,
                     TOMBSTONE_REASON,
                 );
-                let action_never_ran = claim(&mut tx, command, message_type, Kind::Action, true, Some(&tombstone)).await?;
+                let action_never_ran =
+                    claim(&mut tx, command, message_type, Kind::Action, true, Some(&tombstone)).await?;
                 if action_never_ran {
                     false
                 } else {
@@ -482,7 +484,11 @@ async fn claim(
     Ok(inserted == 1)
 }
 
-async fn stored_reply(tx: &mut PgConnection, command: &CommandEnvelope, kind: Kind) -> Result<ReplyEnvelope, HandlerError> {
+async fn stored_reply(
+    tx: &mut PgConnection,
+    command: &CommandEnvelope,
+    kind: Kind,
+) -> Result<ReplyEnvelope, HandlerError> {
     let row = sqlx::query("SELECT reply FROM inbox WHERE saga_id = $1 AND step = $2 AND kind = $3")
         .bind(command.saga_id)
         .bind(&command.step)

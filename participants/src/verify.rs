@@ -118,7 +118,10 @@ impl World {
     }
 
     fn saga_status(&self, saga_id: Uuid) -> &str {
-        self.sagas.get(&saga_id).map(String::as_str).unwrap_or("unknown to the coordinator")
+        self.sagas
+            .get(&saga_id)
+            .map(String::as_str)
+            .unwrap_or("unknown to the coordinator")
     }
 
     fn order_status(&self, order_id: Uuid) -> Option<&str> {
@@ -162,7 +165,9 @@ pub async fn verify(dbs: &Databases) -> Result<Report, sqlx::Error> {
 }
 
 async fn load(dbs: &Databases) -> Result<World, sqlx::Error> {
-    let sagas: Vec<(Uuid, String)> = sqlx::query_as("SELECT id, status FROM sagas").fetch_all(&dbs.coordinator).await?;
+    let sagas: Vec<(Uuid, String)> = sqlx::query_as("SELECT id, status FROM sagas")
+        .fetch_all(&dbs.coordinator)
+        .await?;
     let coordinator_orders: Vec<(Uuid, Uuid)> = sqlx::query_as("SELECT order_id, saga_id FROM orders")
         .fetch_all(&dbs.coordinator)
         .await?;
@@ -236,7 +241,9 @@ fn check_sagas(world: &World, v: &mut Vec<String>) {
                 .get(saga_id)
                 .map(|o| format!(" (order {o})"))
                 .unwrap_or_default();
-            v.push(format!("saga {saga_id}{order} is {status}, not final (COMPLETED, COMPENSATED or STUCK)"));
+            v.push(format!(
+                "saga {saga_id}{order} is {status}, not final (COMPLETED, COMPENSATED or STUCK)"
+            ));
         }
     }
 }
@@ -261,7 +268,13 @@ fn check_orders(world: &World, shards: ShardMap, v: &mut Vec<String>) {
             .filter(|p| p.status == CHARGED)
             .collect();
         let mut reserved: BTreeMap<&str, i64> = BTreeMap::new();
-        for r in world.reservations.get(id).into_iter().flatten().filter(|r| r.status == RESERVED) {
+        for r in world
+            .reservations
+            .get(id)
+            .into_iter()
+            .flatten()
+            .filter(|r| r.status == RESERVED)
+        {
             *reserved.entry(r.sku.as_str()).or_default() += r.quantity;
         }
         let customer = &order.customer_id;
@@ -329,7 +342,9 @@ fn check_orders(world: &World, shards: ShardMap, v: &mut Vec<String>) {
                     ));
                 }
                 for (sku, r) in &reserved {
-                    v.push(format!("order {id} is CANCELLED but {r} of sku {sku} is still RESERVED for it"));
+                    v.push(format!(
+                        "order {id} is CANCELLED but {r} of sku {sku} is still RESERVED for it"
+                    ));
                 }
             }
             PENDING => {

@@ -134,14 +134,12 @@ impl TestEnv {
             (&c.payments_database_url, &skald_participants::app::PAYMENTS_MIGRATOR),
             (&c.inventory_database_url, &skald_participants::app::INVENTORY_MIGRATOR),
         ] {
-            let pool = skald_wire::db::connect_and_migrate(url, 1, m, 2).await.expect("participant db");
+            let pool = skald_wire::db::connect_and_migrate(url, 1, m, 2)
+                .await
+                .expect("participant db");
             pool.close().await;
         }
-        env.dbs
-            .shards
-            .prepare(&env.dbs.orders)
-            .await
-            .expect("order shards");
+        env.dbs.shards.prepare(&env.dbs.orders).await.expect("order shards");
         if setup.coordinator {
             let app = skald_coordinator::Application::build(env.coordinator_config.clone())
                 .await
@@ -213,7 +211,10 @@ impl TestEnv {
             if v["status"] != "PENDING" {
                 return v;
             }
-            assert!(Instant::now() < deadline, "order {order_id} still PENDING after {within:?}: {v}");
+            assert!(
+                Instant::now() < deadline,
+                "order {order_id} still PENDING after {within:?}: {v}"
+            );
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
@@ -225,14 +226,20 @@ impl TestEnv {
     }
 
     pub async fn verify(&self) -> Report {
-        skald_participants::verify::verify(&self.dbs).await.expect("verify runs")
+        skald_participants::verify::verify(&self.dbs)
+            .await
+            .expect("verify runs")
     }
 
     pub async fn seed(&self, accounts: &[(&str, i64)], stock: &[(&str, i64)]) {
         let a: Vec<(String, i64)> = accounts.iter().map(|(c, n)| ((*c).to_owned(), *n)).collect();
         let s: Vec<(String, i64)> = stock.iter().map(|(c, n)| ((*c).to_owned(), *n)).collect();
-        skald_participants::seed::seed_accounts(&self.dbs.payments, &a).await.expect("seed accounts");
-        skald_participants::seed::seed_stock(&self.dbs.inventory, &s).await.expect("seed stock");
+        skald_participants::seed::seed_accounts(&self.dbs.payments, &a)
+            .await
+            .expect("seed accounts");
+        skald_participants::seed::seed_stock(&self.dbs.inventory, &s)
+            .await
+            .expect("seed stock");
     }
 
     pub async fn balance(&self, customer: &str) -> i64 {
@@ -270,9 +277,13 @@ impl TestEnv {
 
     /// An AMQP connection to this test's vhost.
     pub async fn amqp(&self) -> (Connection, Channel) {
-        let conn = skald_wire::amqp::connect(&self.names.amqp_url(), "skald-test").await.expect("amqp");
+        let conn = skald_wire::amqp::connect(&self.names.amqp_url(), "skald-test")
+            .await
+            .expect("amqp");
         let ch = conn.create_channel().await.expect("channel");
-        ch.confirm_select(ConfirmSelectOptions::default()).await.expect("confirms");
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirms");
         skald_wire::amqp::Topology::default()
             .declare(&ch, &["order", "payment", "inventory"])
             .await
@@ -409,7 +420,11 @@ pub async fn take_messages(ch: &Channel, queue: &str, n: usize, within: Duration
                 out.push((body, m.delivery.properties.headers().clone().unwrap_or_default()));
             }
             None => {
-                assert!(Instant::now() < deadline, "only {} of {n} messages on {queue} after {within:?}", out.len());
+                assert!(
+                    Instant::now() < deadline,
+                    "only {} of {n} messages on {queue} after {within:?}",
+                    out.len()
+                );
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
@@ -437,7 +452,10 @@ where
         if let Some(v) = check().await {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {within:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }

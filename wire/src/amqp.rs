@@ -13,7 +13,7 @@ use lapin::options::{
     QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind, Confirmation};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -101,7 +101,9 @@ impl Topology {
             (REPLIES_EXCHANGE, ExchangeKind::Direct),
             (DLX_EXCHANGE, ExchangeKind::Fanout),
         ] {
-            channel.exchange_declare(name.into(), kind, durable, FieldTable::default()).await?;
+            channel
+                .exchange_declare(name.into(), kind, durable, FieldTable::default())
+                .await?;
         }
         let queue_opts = QueueDeclareOptions {
             durable: true,
@@ -111,7 +113,9 @@ impl Topology {
         if self.queue_type == QueueType::Quorum {
             dlq_args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
         }
-        channel.queue_declare(DEAD_LETTER_QUEUE.into(), queue_opts, dlq_args).await?;
+        channel
+            .queue_declare(DEAD_LETTER_QUEUE.into(), queue_opts, dlq_args)
+            .await?;
         channel
             .queue_bind(
                 DEAD_LETTER_QUEUE.into(),
@@ -121,10 +125,20 @@ impl Topology {
                 FieldTable::default(),
             )
             .await?;
-        let mut queues = vec![(REPLIES_QUEUE.to_owned(), REPLIES_EXCHANGE, REPLIES_ROUTING_KEY.to_owned())];
-        queues.extend(participants.iter().map(|p| (command_queue(p), COMMANDS_EXCHANGE, (*p).to_owned())));
+        let mut queues = vec![(
+            REPLIES_QUEUE.to_owned(),
+            REPLIES_EXCHANGE,
+            REPLIES_ROUTING_KEY.to_owned(),
+        )];
+        queues.extend(
+            participants
+                .iter()
+                .map(|p| (command_queue(p), COMMANDS_EXCHANGE, (*p).to_owned())),
+        );
         for (queue, exchange, key) in queues {
-            channel.queue_declare(queue.as_str().into(), queue_opts, self.queue_args()).await?;
+            channel
+                .queue_declare(queue.as_str().into(), queue_opts, self.queue_args())
+                .await?;
             channel
                 .queue_bind(
                     queue.as_str().into(),
@@ -204,7 +218,10 @@ impl OutgoingMessage {
     fn properties(&self) -> BasicProperties {
         let mut headers = FieldTable::default();
         for (k, v) in &self.headers {
-            headers.insert(ShortString::from(k.as_str()), AMQPValue::LongString(LongString::from(v.as_str())));
+            headers.insert(
+                ShortString::from(k.as_str()),
+                AMQPValue::LongString(LongString::from(v.as_str())),
+            );
         }
         BasicProperties::default()
             .with_delivery_mode(2)
@@ -259,9 +276,11 @@ impl Publisher {
         for (m, confirm) in pending {
             let outcome = match confirm.await? {
                 Confirmation::Ack(None) => Ok(()),
-                Confirmation::Ack(Some(_)) => {
-                    Err(Error::Unroutable(m.message_id, m.exchange.clone(), m.routing_key.clone()))
-                }
+                Confirmation::Ack(Some(_)) => Err(Error::Unroutable(
+                    m.message_id,
+                    m.exchange.clone(),
+                    m.routing_key.clone(),
+                )),
                 Confirmation::Nack(_) => Err(Error::Nacked(m.message_id)),
                 Confirmation::NotRequested => Err(Error::NoConfirms),
             };
@@ -289,7 +308,10 @@ pub fn string_headers(props: &BasicProperties) -> BTreeMap<String, String> {
         for (k, v) in h {
             match v {
                 AMQPValue::LongString(s) => {
-                    out.insert(k.as_str().to_owned(), String::from_utf8_lossy(s.as_bytes()).into_owned());
+                    out.insert(
+                        k.as_str().to_owned(),
+                        String::from_utf8_lossy(s.as_bytes()).into_owned(),
+                    );
                 }
                 AMQPValue::ShortString(s) => {
                     out.insert(k.as_str().to_owned(), s.as_str().to_owned());
@@ -310,19 +332,30 @@ pub async fn dead_letter(
     queue: &str,
     reason: &str,
 ) -> Result<()> {
-    use crate::contract::{HEADER_ORIGINAL_EXCHANGE, HEADER_ORIGINAL_QUEUE, HEADER_ORIGINAL_ROUTING_KEY, HEADER_REASON};
+    use crate::contract::{
+        HEADER_ORIGINAL_EXCHANGE, HEADER_ORIGINAL_QUEUE, HEADER_ORIGINAL_ROUTING_KEY, HEADER_REASON,
+    };
     let props = &delivery.properties;
     let mut headers = string_headers(props);
     headers.insert(HEADER_REASON.to_owned(), reason.chars().take(1000).collect());
-    headers.insert(HEADER_ORIGINAL_EXCHANGE.to_owned(), delivery.exchange.as_str().to_owned());
-    headers.insert(HEADER_ORIGINAL_ROUTING_KEY.to_owned(), delivery.routing_key.as_str().to_owned());
+    headers.insert(
+        HEADER_ORIGINAL_EXCHANGE.to_owned(),
+        delivery.exchange.as_str().to_owned(),
+    );
+    headers.insert(
+        HEADER_ORIGINAL_ROUTING_KEY.to_owned(),
+        delivery.routing_key.as_str().to_owned(),
+    );
     headers.insert(HEADER_ORIGINAL_QUEUE.to_owned(), queue.to_owned());
     let parse_id = |v: &Option<ShortString>| v.as_ref().and_then(|s| Uuid::parse_str(s.as_str()).ok());
     let message = OutgoingMessage {
         message_id: parse_id(props.message_id()).unwrap_or_else(Uuid::now_v7),
         exchange: crate::contract::DLX_EXCHANGE.to_owned(),
         routing_key: queue.to_owned(),
-        message_type: props.kind().as_ref().map_or_else(String::new, |k| k.as_str().to_owned()),
+        message_type: props
+            .kind()
+            .as_ref()
+            .map_or_else(String::new, |k| k.as_str().to_owned()),
         correlation_id: parse_id(props.correlation_id()).unwrap_or(Uuid::nil()),
         body: delivery.data.clone(),
         headers,

@@ -56,19 +56,27 @@ pub async fn ensure_database(url: &str) -> Result<()> {
     let host = opts.get_host().to_owned();
     let name = opts.get_database().unwrap_or("postgres").to_owned();
     if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-        return Err(Error::Url(format!("database name {name:?}: use letters, digits and '_'")));
+        return Err(Error::Url(format!(
+            "database name {name:?}: use letters, digits and '_'"
+        )));
     }
     let mut admin = opts
         .clone()
         .database("postgres")
         .connect()
         .await
-        .map_err(|source| Error::Connect { host: host.clone(), source })?;
+        .map_err(|source| Error::Connect {
+            host: host.clone(),
+            source,
+        })?;
     let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
         .bind(&name)
         .fetch_one(&mut admin)
         .await
-        .map_err(|source| Error::Connect { host: host.clone(), source })?;
+        .map_err(|source| Error::Connect {
+            host: host.clone(),
+            source,
+        })?;
     if !exists {
         let created = sqlx::query(AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
             .execute(&mut admin)
@@ -119,7 +127,10 @@ pub async fn connect_and_migrate(
         .notify(|e: &Error, wait| tracing::warn!(error = %e, ?wait, "PostgreSQL unreachable, retrying"))
         .await?;
     let db = options(url)?.get_database().unwrap_or("postgres").to_owned();
-    migrator.run(&pool).await.map_err(|source| Error::Migrate { db, source })?;
+    migrator
+        .run(&pool)
+        .await
+        .map_err(|source| Error::Migrate { db, source })?;
     Ok(pool)
 }
 
@@ -128,7 +139,10 @@ mod tests {
     #[test]
     fn redacts_passwords() {
         assert_eq!(super::redact("postgres://u:secret@h/db"), "postgres://u:***@h/db");
-        assert_eq!(super::redact("amqp://guest:guest@127.0.0.1:5672/%2f"), "amqp://guest:***@127.0.0.1:5672/%2f");
+        assert_eq!(
+            super::redact("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            "amqp://guest:***@127.0.0.1:5672/%2f"
+        );
         assert_eq!(super::redact("postgres://u@h/db"), "postgres://u@h/db");
     }
 }

@@ -72,7 +72,9 @@ pub async fn insert(conn: &mut PgConnection, messages: &[OutgoingMessage]) -> Re
 
 /// Rows waiting to be published (for `/readyz`, metrics and tests).
 pub async fn backlog(pool: &PgPool) -> Result<i64> {
-    Ok(sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(pool).await?)
+    Ok(sqlx::query_scalar("SELECT count(*) FROM outbox")
+        .fetch_one(pool)
+        .await?)
 }
 
 /// Publishes outbox rows until shut down.

@@ -31,7 +31,9 @@ async fn same_idempotency_key_gives_one_saga_and_another_body_conflicts() {
     assert_eq!(again["order_id"], first["order_id"]);
     assert_eq!(again["saga_id"], first["saga_id"]);
 
-    let other = env.post_order(&order("dave", &[("sku-1", 2, 100)]), Some("key-1")).await;
+    let other = env
+        .post_order(&order("dave", &[("sku-1", 2, 100)]), Some("key-1"))
+        .await;
     assert_eq!(other.status(), 409);
     let err: Value = other.json().await.unwrap();
     assert_eq!(err["error"]["code"], "conflict");
@@ -49,7 +51,10 @@ async fn same_idempotency_key_gives_one_saga_and_another_body_conflicts() {
     assert_eq!(ids.len(), 1, "one saga for one key");
     assert_eq!(count(&env, "sagas").await, 2);
     let order_id = skald_tests::parse_uuid(&first["order_id"]);
-    assert_eq!(env.wait_for_order(order_id, Duration::from_secs(30)).await["status"], "APPROVED");
+    assert_eq!(
+        env.wait_for_order(order_id, Duration::from_secs(30)).await["status"],
+        "APPROVED"
+    );
     env.stop().await;
 }
 
@@ -129,7 +134,10 @@ async fn bad_input_gets_a_json_error_and_stores_nothing() {
         let (got, v) = send(body, ct).await;
         assert_eq!(got, status, "{name}: {v}");
         assert_eq!(v["error"]["code"], code, "{name}: {v}");
-        assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{name}: {v}");
+        assert!(
+            v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{name}: {v}"
+        );
     }
     let bad_key = env
         .http

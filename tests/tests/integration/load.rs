@@ -37,7 +37,9 @@ async fn two_hundred_concurrent_orders_all_finish_and_the_invariants_hold() {
         }
     }
     let finished = started.elapsed();
-    println!("200 orders: accepted in {accepted:?}, all final in {finished:?} ({approved} approved, {cancelled} cancelled)");
+    println!(
+        "200 orders: accepted in {accepted:?}, all final in {finished:?} ({approved} approved, {cancelled} cancelled)"
+    );
     assert_eq!(approved + cancelled, 200);
     // 40 poor orders fail at payment; at most one scarce order (2 of 3 units) succeeds.
     assert!(cancelled >= 40 + 39, "cancelled {cancelled}");
@@ -45,6 +47,9 @@ async fn two_hundred_concurrent_orders_all_finish_and_the_invariants_hold() {
     let report = env.verify().await;
     assert!(report.ok(), "{:#?}", report.violations);
     assert_eq!(report.sagas_by_status.get("COMPLETED").copied().unwrap_or(0), approved);
-    assert_eq!(report.sagas_by_status.get("COMPENSATED").copied().unwrap_or(0), cancelled);
+    assert_eq!(
+        report.sagas_by_status.get("COMPENSATED").copied().unwrap_or(0),
+        cancelled
+    );
     env.stop().await;
 }

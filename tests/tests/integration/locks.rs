@@ -38,7 +38,10 @@ async fn concurrent_mutations_of_one_order_serialize_through_the_lock() {
     let resource = format!("order:{order_id}");
     let first = locks.acquire(&resource).await.unwrap();
     let mut tx = env.dbs.orders.begin().await.unwrap();
-    store.insert(&mut tx, Uuid::now_v7(), &payload(order_id), first.fence).await.unwrap();
+    store
+        .insert(&mut tx, Uuid::now_v7(), &payload(order_id), first.fence)
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
 
     // While it is held, nobody else gets it: a transient failure, never a lost write.
@@ -53,11 +56,12 @@ async fn concurrent_mutations_of_one_order_serialize_through_the_lock() {
     let worker = |locks: Locks, pool: sqlx::PgPool, table: String| async move {
         for _ in 0..15 {
             let guard = locks.acquire(&format!("order:{order_id}")).await.unwrap();
-            let total: i64 = sqlx::query_scalar(AssertSqlSafe(format!("SELECT total_cents FROM {table} WHERE id = $1")))
-                .bind(order_id)
-                .fetch_one(&pool)
-                .await
-                .unwrap();
+            let total: i64 =
+                sqlx::query_scalar(AssertSqlSafe(format!("SELECT total_cents FROM {table} WHERE id = $1")))
+                    .bind(order_id)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
             tokio::task::yield_now().await;
             let n = sqlx::query(AssertSqlSafe(format!(
                 "UPDATE {table} SET total_cents = $2, fence = $3 WHERE id = $1 AND fence < $3"
@@ -101,7 +105,10 @@ async fn a_write_with_a_stale_fencing_token_is_refused() {
 
     let old = short.acquire(&resource).await.unwrap();
     let mut tx = env.dbs.orders.begin().await.unwrap();
-    store.insert(&mut tx, Uuid::now_v7(), &payload(order_id), old.fence).await.unwrap();
+    store
+        .insert(&mut tx, Uuid::now_v7(), &payload(order_id), old.fence)
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
 
     // The old holder stalls past its TTL; someone else takes the lock and writes.
@@ -114,10 +121,18 @@ async fn a_write_with_a_stale_fencing_token_is_refused() {
         .await,
     );
     assert!(new.fence > old.fence, "tokens grow: {} then {}", old.fence, new.fence);
-    assert!(!short.extend(&old, Duration::from_secs(1)).await.unwrap(), "an expired holder cannot extend");
+    assert!(
+        !short.extend(&old, Duration::from_secs(1)).await.unwrap(),
+        "an expired holder cannot extend"
+    );
     assert!(short.extend(&new, Duration::from_secs(5)).await.unwrap());
     let mut tx = env.dbs.orders.begin().await.unwrap();
-    assert!(store.set_status(&mut tx, order_id, "CANCELLED", new.fence).await.unwrap());
+    assert!(
+        store
+            .set_status(&mut tx, order_id, "CANCELLED", new.fence)
+            .await
+            .unwrap()
+    );
     tx.commit().await.unwrap();
 
     // The old holder wakes up and writes with its old token: refused.

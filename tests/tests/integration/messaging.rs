@@ -44,7 +44,14 @@ async fn a_duplicate_command_has_one_effect_and_gets_the_same_reply() {
     assert_eq!(env.payments(order_id).await, vec![("CHARGED".to_owned(), 300)]);
 
     // A retry (new attempt) of the same step: the stored reply, with its own attempt number.
-    publish_raw(&ch, COMMANDS_EXCHANGE, "payment", "ChargePayment", &command(saga, order_id, 2, "action", "erin", 300)).await;
+    publish_raw(
+        &ch,
+        COMMANDS_EXCHANGE,
+        "payment",
+        "ChargePayment",
+        &command(saga, order_id, 2, "action", "erin", 300),
+    )
+    .await;
     let retry = take_messages(&ch, REPLIES_QUEUE, 1, WITHIN).await;
     assert_eq!(retry[0].0["attempt"], 2);
     assert_eq!(retry[0].0["outcome"], "success");
@@ -58,18 +65,36 @@ async fn a_compensation_before_its_action_is_a_no_op_and_the_late_action_is_refu
     env.seed(&[("frank", 1_000)], &[]).await;
     let (_conn, ch) = env.amqp().await;
     let (saga, order_id) = (Uuid::now_v7(), Uuid::now_v7());
-    publish_raw(&ch, COMMANDS_EXCHANGE, "payment", "RefundPayment", &command(saga, order_id, 1, "compensation", "frank", 400)).await;
+    publish_raw(
+        &ch,
+        COMMANDS_EXCHANGE,
+        "payment",
+        "RefundPayment",
+        &command(saga, order_id, 1, "compensation", "frank", 400),
+    )
+    .await;
     let comp = take_messages(&ch, REPLIES_QUEUE, 1, WITHIN).await;
     assert_eq!(comp[0].0["kind"], "compensation");
     assert_eq!(comp[0].0["outcome"], "success");
     assert_eq!(comp[0].0["data"]["noop"], true);
 
-    publish_raw(&ch, COMMANDS_EXCHANGE, "payment", "ChargePayment", &command(saga, order_id, 1, "action", "frank", 400)).await;
+    publish_raw(
+        &ch,
+        COMMANDS_EXCHANGE,
+        "payment",
+        "ChargePayment",
+        &command(saga, order_id, 1, "action", "frank", 400),
+    )
+    .await;
     let late = take_messages(&ch, REPLIES_QUEUE, 1, WITHIN).await;
     assert_eq!(late[0].0["kind"], "action");
     assert_eq!(late[0].0["outcome"], "failure");
     assert_eq!(late[0].0["retryable"], false);
-    assert!(late[0].0["reason"].as_str().unwrap().contains("barrier"), "{}", late[0].0);
+    assert!(
+        late[0].0["reason"].as_str().unwrap().contains("barrier"),
+        "{}",
+        late[0].0
+    );
     assert_eq!(env.balance("frank").await, 1_000, "the late action had no effect");
     assert!(env.payments(order_id).await.is_empty());
     env.stop().await;
@@ -80,21 +105,52 @@ async fn an_undecodable_command_is_dead_lettered_and_the_participant_keeps_servi
     let mut env = TestEnv::start(Setup::only(Which::Payment)).await;
     env.seed(&[("gina", 1_000)], &[]).await;
     let (_conn, ch) = env.amqp().await;
-    publish_raw(&ch, COMMANDS_EXCHANGE, "payment", "ChargePayment", b"\x00 this is not json").await;
-    publish_raw(&ch, COMMANDS_EXCHANGE, "payment", "ChargePayment", br#"{"saga_id": "x"}"#).await;
+    publish_raw(
+        &ch,
+        COMMANDS_EXCHANGE,
+        "payment",
+        "ChargePayment",
+        b"\x00 this is not json",
+    )
+    .await;
+    publish_raw(
+        &ch,
+        COMMANDS_EXCHANGE,
+        "payment",
+        "ChargePayment",
+        br#"{"saga_id": "x"}"#,
+    )
+    .await;
     let dead = take_messages(&ch, DEAD_LETTER_QUEUE, 2, WITHIN).await;
     for (body, headers) in &dead {
         let reason = header(headers, HEADER_REASON).unwrap_or_default();
         assert!(reason.contains("undecodable command"), "reason {reason:?} for {body}");
-        assert_eq!(header(headers, "x-skald-original-queue").as_deref(), Some("skald.payment.commands"));
+        assert_eq!(
+            header(headers, "x-skald-original-queue").as_deref(),
+            Some("skald.payment.commands")
+        );
     }
     // A command of an unknown type is dead-lettered too, not retried forever.
     let order_id = Uuid::now_v7();
-    publish_raw(&ch, COMMANDS_EXCHANGE, "payment", "StealMoney", &command(Uuid::now_v7(), order_id, 1, "action", "gina", 1)).await;
+    publish_raw(
+        &ch,
+        COMMANDS_EXCHANGE,
+        "payment",
+        "StealMoney",
+        &command(Uuid::now_v7(), order_id, 1, "action", "gina", 1),
+    )
+    .await;
     let dead = take_messages(&ch, DEAD_LETTER_QUEUE, 1, WITHIN).await;
     assert!(header(&dead[0].1, HEADER_REASON).unwrap().contains("StealMoney"));
 
-    publish_raw(&ch, COMMANDS_EXCHANGE, "payment", "ChargePayment", &command(Uuid::now_v7(), order_id, 1, "action", "gina", 250)).await;
+    publish_raw(
+        &ch,
+        COMMANDS_EXCHANGE,
+        "payment",
+        "ChargePayment",
+        &command(Uuid::now_v7(), order_id, 1, "action", "gina", 250),
+    )
+    .await;
     let replies = take_messages(&ch, REPLIES_QUEUE, 1, WITHIN).await;
     let reply: &Value = &replies[0].0;
     assert_eq!(reply["outcome"], "success", "{reply}");

@@ -36,7 +36,10 @@ async fn happy_path_approves_charges_once_and_reserves_stock() {
         .iter()
         .map(|s| s["name"].as_str().unwrap())
         .collect();
-    assert_eq!(steps, ["create_order", "charge_payment", "reserve_stock", "approve_order"]);
+    assert_eq!(
+        steps,
+        ["create_order", "charge_payment", "reserve_stock", "approve_order"]
+    );
     let row = skald_participants::order::OrderStore { shards: env.dbs.shards }
         .status(&env.dbs.orders, order_id)
         .await
@@ -63,7 +66,10 @@ async fn insufficient_balance_cancels_without_payment_or_reservation() {
     assert_eq!(env.available("sku-1").await, 10);
     let saga = env.saga(saga_id).await;
     assert_eq!(saga["status"], "COMPENSATED");
-    assert!(saga["failure"].as_str().unwrap().contains("insufficient_balance"), "{saga}");
+    assert!(
+        saga["failure"].as_str().unwrap().contains("insufficient_balance"),
+        "{saga}"
+    );
     // Step 1 compensated (CancelOrder), step 2 not (its participant rolled back).
     assert_eq!(saga["steps"][0]["status"], "compensated");
     assert_eq!(saga["steps"][1]["status"], "failed");
@@ -87,11 +93,23 @@ async fn out_of_stock_after_payment_refunds_and_cancels() {
     assert_eq!(env.available("rare").await, 1);
     let saga = env.saga(saga_id).await;
     assert_eq!(saga["status"], "COMPENSATED");
-    assert!(saga["failure"].as_str().unwrap().contains("insufficient_stock"), "{saga}");
+    assert!(
+        saga["failure"].as_str().unwrap().contains("insufficient_stock"),
+        "{saga}"
+    );
     // Newest first: the refund (step 2) finished before the cancel (step 1) was sent.
-    let refund_done = saga["steps"][1]["compensations"][0]["finished_at"].as_str().unwrap().to_owned();
-    let cancel_sent = saga["steps"][0]["compensations"][0]["sent_at"].as_str().unwrap().to_owned();
-    assert!(refund_done <= cancel_sent, "refund {refund_done} then cancel {cancel_sent}");
+    let refund_done = saga["steps"][1]["compensations"][0]["finished_at"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let cancel_sent = saga["steps"][0]["compensations"][0]["sent_at"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        refund_done <= cancel_sent,
+        "refund {refund_done} then cancel {cancel_sent}"
+    );
     let report = env.verify().await;
     assert!(report.ok(), "{:?}", report.violations);
     env.stop().await;

@@ -66,13 +66,16 @@ pub struct Config {
     #[arg(long, env = "STEP_TIMEOUT_MS", default_value_t = 10_000)]
     pub step_timeout_ms: u64,
     /// Attempts per step (the first included) before the saga compensates.
-    #[arg(long, env = "STEP_MAX_ATTEMPTS", default_value_t = 5)]
+    #[arg(long, env = "STEP_MAX_ATTEMPTS", default_value_t = 8)]
     pub step_max_attempts: u32,
     /// First retry backoff; it doubles up to RETRY_MAX_BACKOFF_MS, with jitter.
-    #[arg(long, env = "RETRY_BACKOFF_MS", default_value_t = 100)]
+    #[arg(long, env = "RETRY_BACKOFF_MS", default_value_t = 200)]
     pub retry_backoff_ms: u64,
-    #[arg(long, env = "RETRY_MAX_BACKOFF_MS", default_value_t = 5_000)]
+    #[arg(long, env = "RETRY_MAX_BACKOFF_MS", default_value_t = 10_000)]
     pub retry_max_backoff_ms: u64,
+    /// Compensation failures in a row (each after its backoff) before a saga is STUCK.
+    #[arg(long, env = "COMPENSATION_MAX_FAILURES", default_value_t = 10)]
+    pub compensation_max_failures: u32,
     /// `classic` or `quorum` (for a RabbitMQ cluster).
     #[arg(long, env = "AMQP_QUEUE_TYPE", default_value = "classic")]
     pub queue_type: QueueType,
@@ -88,6 +91,12 @@ pub struct Config {
     /// Start-up connection attempts before giving up.
     #[arg(long, env = "STARTUP_RETRIES", default_value_t = 8)]
     pub startup_retries: usize,
+    /// Redeliveries of one reply after which it is dead-lettered as poison.
+    #[arg(long, env = "MAX_REDELIVERIES", default_value_t = 10)]
+    pub max_redeliveries: i32,
+    /// Quorum queues only: deliveries after which the broker itself dead-letters a message.
+    #[arg(long, env = "AMQP_DELIVERY_LIMIT")]
+    pub delivery_limit: Option<u32>,
 }
 
 impl Config {
@@ -103,7 +112,12 @@ impl Config {
             max_backoff: Duration::from_millis(self.retry_max_backoff_ms),
             multiplier: 2.0,
         };
-        let def = order_saga(Duration::from_millis(self.step_timeout_ms), retry).context("order saga definition")?;
+        let compensation = RetryPolicy {
+            max_attempts: self.compensation_max_failures.max(1),
+            ..retry.clone()
+        };
+        let timeout = Duration::from_millis(self.step_timeout_ms);
+        let def = order_saga(timeout, retry, compensation).context("order saga definition")?;
         Ok(Registry::default().with(def))
     }
 }
@@ -131,7 +145,7 @@ impl Application {
         .context("coordinator database")?;
         let topology = Topology {
             queue_type: config.queue_type,
-            delivery_limit: None,
+            delivery_limit: config.delivery_limit,
         };
         let participants = registry.participants();
         let names: Vec<&str> = participants.iter().map(String::as_str).collect();
@@ -176,7 +190,7 @@ impl Application {
         let c = &self.config;
         let topology = Topology {
             queue_type: c.queue_type,
-            delivery_limit: None,
+            delivery_limit: c.delivery_limit,
         };
         let tasks = TaskTracker::new();
         tasks.spawn(
@@ -201,6 +215,7 @@ impl Application {
                 participants: self.registry.participants(),
                 prefetch: c.reply_prefetch,
                 batch_max: c.reply_batch.max(1),
+                max_redeliveries: c.max_redeliveries,
             }
             .run(shutdown.child_token()),
         );

@@ -25,6 +25,8 @@ pub struct ReplyConsumer {
     pub prefetch: u16,
     /// Replies applied in one PostgreSQL transaction at most.
     pub batch_max: usize,
+    /// Redeliveries after which a reply is dead-lettered as poison.
+    pub max_redeliveries: i32,
 }
 
 impl ReplyConsumer {
@@ -97,6 +99,10 @@ impl ReplyConsumer {
         let mut events = Vec::with_capacity(batch.len());
         let mut positions = Vec::with_capacity(batch.len());
         for (i, d) in batch.iter().enumerate() {
+            if let Some(n) = skald_wire::redelivery::exceeded(self.store.pool(), d, self.max_redeliveries).await {
+                amqp::dead_letter(dead_letters, d, REPLIES_QUEUE, &format!("redelivered {n} times")).await?;
+                continue;
+            }
             match decode(d) {
                 Ok(ev) => {
                     events.push(ev);

@@ -9,10 +9,15 @@ use skald_engine::{DefinitionError, RetryPolicy, SagaDefinition};
 
 /// The order saga of DESIGN.md.
 #[rustfmt::skip]
-pub fn order_saga(step_timeout: Duration, retry: RetryPolicy) -> Result<SagaDefinition, DefinitionError> {
+pub fn order_saga(
+    step_timeout: Duration,
+    retry: RetryPolicy,
+    compensation: RetryPolicy,
+) -> Result<SagaDefinition, DefinitionError> {
     SagaDefinition::builder("order")
         .default_timeout(step_timeout)
         .default_retry(retry)
+        .compensation_retry(compensation, step_timeout)
         .step("create_order")
             .invoke("order", "CreateOrder")
             .compensate("order", "CancelOrder")

@@ -79,6 +79,12 @@ pub struct Config {
     /// Start-up connection attempts before giving up.
     #[arg(long, env = "STARTUP_RETRIES", default_value_t = 8)]
     pub startup_retries: usize,
+    /// Redeliveries of one message after which it is dead-lettered as poison.
+    #[arg(long, env = "MAX_REDELIVERIES", default_value_t = 10)]
+    pub max_redeliveries: i32,
+    /// Quorum queues only: deliveries after which the broker itself dead-letters a message.
+    #[arg(long, env = "AMQP_DELIVERY_LIMIT")]
+    pub delivery_limit: Option<u32>,
 }
 
 #[derive(Debug, clap::Parser)]
@@ -107,13 +113,14 @@ impl Config {
             amqp_url: self.amqp_url.clone(),
             topology: Topology {
                 queue_type: self.queue_type,
-                delivery_limit: None,
+                delivery_limit: self.delivery_limit,
             },
             concurrency: self.concurrency.max(1),
             prefetch: self.prefetch,
             relay_batch: 256,
             relay_poll: Duration::from_millis(200),
             faults: Faults::parse(&self.faults, &["participant", name])?,
+            max_redeliveries: self.max_redeliveries,
         })
     }
 

@@ -121,6 +121,8 @@ pub struct RuntimeConfig {
     pub relay_batch: i64,
     pub relay_poll: Duration,
     pub faults: Faults,
+    /// Redeliveries after which a command is dead-lettered as poison.
+    pub max_redeliveries: i32,
 }
 
 /// How a command ended, for logs and tests.
@@ -274,6 +276,10 @@ impl<H: Handler> Runtime<H> {
             .as_ref()
             .map(|k| k.as_str().to_owned())
             .unwrap_or_default();
+        if let Some(n) = skald_wire::redelivery::exceeded(&self.pool, &delivery, self.config.max_redeliveries).await {
+            self.reject(&delivery, dead_letters, queue, &format!("redelivered {n} times")).await;
+            return;
+        }
         let command = match serde_json::from_slice::<CommandEnvelope>(&delivery.data) {
             Ok(c) => c,
             Err(e) => {

@@ -61,7 +61,8 @@ pub struct Names {
 }
 
 impl Names {
-    fn new() -> Self {
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> Self {
         Self {
             id: format!("skt_{}", &Uuid::new_v4().simple().to_string()[..12]),
         }
@@ -80,7 +81,7 @@ impl Names {
     }
 }
 
-fn rabbitmqctl(args: &[&str]) {
+pub fn rabbitmqctl(args: &[&str]) {
     let out = Command::new("rabbitmqctl").args(args).output();
     match out {
         Ok(o) if o.status.success() => {}
@@ -304,7 +305,8 @@ impl Drop for TestEnv {
     }
 }
 
-fn cleanup(names: &Names) {
+/// Drops the test's databases, Redis keys and vhost.
+pub fn cleanup(names: &Names) {
     let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
         return;
     };
@@ -364,7 +366,7 @@ fn participant_config(names: &Names, shards: u32) -> ParticipantConfig {
     c
 }
 
-fn databases(names: &Names, shards: u32) -> Databases {
+pub fn databases(names: &Names, shards: u32) -> Databases {
     let pool = |what: &str| -> PgPool { skald_wire::db::lazy_pool(&names.db_url(what), 2).expect("pool") };
     Databases {
         coordinator: pool("c"),

@@ -20,6 +20,7 @@ pub mod contract;
 pub mod db;
 pub mod faults;
 pub mod outbox;
+pub mod redelivery;
 pub mod shutdown;
 pub mod telemetry;
 

@@ -30,6 +30,8 @@ pub struct Setup {
     pub coordinator: bool,
     pub participants: Vec<Which>,
     pub step_timeout_ms: u64,
+    pub step_max_attempts: u32,
+    pub compensation_max_failures: u32,
     pub order_shards: u32,
 }
 
@@ -39,6 +41,8 @@ impl Default for Setup {
             coordinator: true,
             participants: vec![Which::Order, Which::Payment, Which::Inventory],
             step_timeout_ms: 10_000,
+            step_max_attempts: 8,
+            compensation_max_failures: 10,
             order_shards: 4,
         }
     }
@@ -122,7 +126,7 @@ impl TestEnv {
             base_url: String::new(),
             http: reqwest::Client::new(),
             participant_config: participant_config(&names, setup.order_shards),
-            coordinator_config: coordinator_config(&names, setup.step_timeout_ms),
+            coordinator_config: coordinator_config(&names, &setup),
             dbs: databases(&names, setup.order_shards),
             names,
             shutdown: CancellationToken::new(),
@@ -199,6 +203,35 @@ impl TestEnv {
 
     pub async fn get_json(&self, path: &str) -> (u16, Value) {
         let resp = self.http.get(self.url(path)).send().await.expect("GET");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Waits until the saga has `status`; panics after `within`.
+    pub async fn wait_for_saga(&self, saga_id: Uuid, status: &str, within: Duration) -> Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let v = self.saga(saga_id).await;
+            if v["status"] == status {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "saga {saga_id} not {status} after {within:?}: {v}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// POSTs an operator action with the admin token.
+    pub async fn operate(&self, saga_id: Uuid, action: &str) -> (u16, Value) {
+        let resp = self
+            .http
+            .post(self.url(&format!("/v1/sagas/{saga_id}/{action}")))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .expect("POST operator action");
         let status = resp.status().as_u16();
         (status, resp.json().await.unwrap_or(Value::Null))
     }
@@ -334,7 +367,7 @@ pub fn cleanup(names: &Names) {
     let _ = Command::new("rabbitmqctl").args(["delete_vhost", &names.id]).output();
 }
 
-fn coordinator_config(names: &Names, step_timeout_ms: u64) -> skald_coordinator::Config {
+fn coordinator_config(names: &Names, setup: &Setup) -> skald_coordinator::Config {
     let mut c = skald_coordinator::Config::local();
     c.database_url = names.db_url("c");
     c.amqp_url = names.amqp_url();
@@ -343,7 +376,9 @@ fn coordinator_config(names: &Names, step_timeout_ms: u64) -> skald_coordinator:
     c.db_pool_size = 4;
     c.sweep_interval_ms = 50;
     c.relay_poll_ms = 100;
-    c.step_timeout_ms = step_timeout_ms;
+    c.step_timeout_ms = setup.step_timeout_ms;
+    c.step_max_attempts = setup.step_max_attempts;
+    c.compensation_max_failures = setup.compensation_max_failures;
     c.retry_backoff_ms = 20;
     c.retry_max_backoff_ms = 500;
     c.admin_token = Some(ADMIN_TOKEN.to_owned());

@@ -101,7 +101,9 @@ impl Cluster {
             .open(self.logs.join(log))
             .expect("log file");
         let err = file.try_clone().expect("log file");
-        cmd.stdout(Stdio::from(file)).stderr(Stdio::from(err)).kill_on_drop(true);
+        cmd.stdout(Stdio::from(file))
+            .stderr(Stdio::from(err))
+            .kill_on_drop(true);
         self.procs[i].child = Some(cmd.spawn().expect("spawn process"));
     }
 
@@ -138,9 +140,14 @@ impl Cluster {
         for p in &mut self.procs {
             if let Some(mut child) = p.child.take() {
                 if let Some(pid) = child.id() {
-                    let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+                    let _ = std::process::Command::new("kill")
+                        .args(["-TERM", &pid.to_string()])
+                        .status();
                 }
-                if tokio::time::timeout(Duration::from_secs(15), child.wait()).await.is_err() {
+                if tokio::time::timeout(Duration::from_secs(15), child.wait())
+                    .await
+                    .is_err()
+                {
                     let _ = child.kill().await;
                 }
             }
@@ -216,13 +223,19 @@ async fn wait_until(what: &str, within: Duration, mut ok: impl FnMut() -> bool) 
 }
 
 async fn restart_rabbitmq() {
-    tokio::task::spawn_blocking(|| rabbitmqctl(&["stop_app"])).await.expect("stop_app");
+    tokio::task::spawn_blocking(|| rabbitmqctl(&["stop_app"]))
+        .await
+        .expect("stop_app");
     tokio::time::sleep(Duration::from_secs(2)).await; // an outage of some length, on purpose
-    tokio::task::spawn_blocking(|| rabbitmqctl(&["start_app"])).await.expect("start_app");
+    tokio::task::spawn_blocking(|| rabbitmqctl(&["start_app"]))
+        .await
+        .expect("start_app");
 }
 
 async fn restart_redis() {
-    let _ = std::process::Command::new("redis-cli").args(["shutdown", "nosave"]).output();
+    let _ = std::process::Command::new("redis-cli")
+        .args(["shutdown", "nosave"])
+        .output();
     wait_until("Redis down", Duration::from_secs(10), || !redis_up()).await;
     tokio::time::sleep(Duration::from_secs(1)).await; // an outage of some length, on purpose
     start_redis();
@@ -263,7 +276,15 @@ async fn active_sagas(pool: &sqlx::PgPool) -> Option<i64> {
 
 fn queue_depths(vhost: &str) -> BTreeMap<String, (u64, u64)> {
     let out = std::process::Command::new("rabbitmqctl")
-        .args(["-q", "list_queues", "-p", vhost, "name", "messages_ready", "messages_unacknowledged"])
+        .args([
+            "-q",
+            "list_queues",
+            "-p",
+            vhost,
+            "name",
+            "messages_ready",
+            "messages_unacknowledged",
+        ])
         .output()
         .expect("list_queues");
     String::from_utf8_lossy(&out.stdout)
@@ -325,7 +346,10 @@ async fn crashes_restarts_and_outages_lose_nothing() {
             .unwrap_or(true)
         {
             cluster.lock().await.reap();
-            assert!(Instant::now() < deadline, "coordinator on {port} did not start; logs in {logs:?}");
+            assert!(
+                Instant::now() < deadline,
+                "coordinator on {port} did not start; logs in {logs:?}"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -340,7 +364,11 @@ async fn crashes_restarts_and_outages_lose_nothing() {
         .await;
         let s = skald_participants::seed::seed_stock(
             &dbs.inventory,
-            &[("sku-a".to_owned(), 1_000_000), ("sku-b".to_owned(), 1_000_000), ("scarce".to_owned(), 0)],
+            &[
+                ("sku-a".to_owned(), 1_000_000),
+                ("sku-b".to_owned(), 1_000_000),
+                ("scarce".to_owned(), 0),
+            ],
         )
         .await;
         if a.is_ok() && s.is_ok() {
@@ -464,12 +492,18 @@ async fn crashes_restarts_and_outages_lose_nothing() {
     .await
     .expect("double charges");
     // Dead letters are allowed only with a reason (nothing unexplained).
-    let dead = queue_depths(&vhost).get("skald.dead-letters").copied().unwrap_or((0, 0));
+    let dead = queue_depths(&vhost)
+        .get("skald.dead-letters")
+        .copied()
+        .unwrap_or((0, 0));
     let mut unexplained = 0;
     if dead.0 > 0 {
-        let conn = skald_wire::amqp::connect(&names.amqp_url(), "chaos-check").await.expect("amqp");
+        let conn = skald_wire::amqp::connect(&names.amqp_url(), "chaos-check")
+            .await
+            .expect("amqp");
         let ch = conn.create_channel().await.expect("channel");
-        let msgs = skald_tests::take_messages(&ch, "skald.dead-letters", dead.0 as usize, Duration::from_secs(10)).await;
+        let msgs =
+            skald_tests::take_messages(&ch, "skald.dead-letters", dead.0 as usize, Duration::from_secs(10)).await;
         for (body, headers) in &msgs {
             match skald_tests::header(headers, "x-skald-reason") {
                 Some(reason) => eprintln!("dead letter: {reason}"),
@@ -515,7 +549,10 @@ async fn crashes_restarts_and_outages_lose_nothing() {
     // About 30% of the orders are meant to fail on balance or stock; crashes and
     // outages must be ridden out by retries, not turned into compensations.
     let completed = report.sagas_by_status.get("COMPLETED").copied().unwrap_or(0);
-    assert!(completed >= (ORDERS as i64) / 2, "only {completed} sagas completed: {reasons:?}");
+    assert!(
+        completed >= (ORDERS as i64) / 2,
+        "only {completed} sagas completed: {reasons:?}"
+    );
     let _ = std::fs::remove_dir_all(&logs);
 }
 

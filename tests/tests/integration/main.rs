@@ -5,4 +5,5 @@ mod api;
 mod load;
 mod locks;
 mod messaging;
+mod operator;
 mod saga;

@@ -70,6 +70,8 @@ impl ReplyConsumer {
                 d = consumer.next() => d,
                 () = shutdown.cancelled() => {
                     let _ = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await;
+                    dead_letters.close().await;
+                    let _ = channel.close(200, "reply consumer stopping".into()).await;
                     return Ok(());
                 }
             };

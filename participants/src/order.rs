@@ -197,6 +197,8 @@ impl Handler for OrderParticipant {
         Ok(Some(format!("order:{id}")))
     }
 
+    // Written out (not `async fn`) to promise `Send`: the runtime spawns handlers.
+    #[allow(clippy::manual_async_fn)]
     fn handle<'a>(
         &'a self,
         tx: &'a mut PgConnection,

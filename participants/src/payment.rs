@@ -15,6 +15,8 @@ impl Handler for PaymentParticipant {
         "payment"
     }
 
+    // Written out (not `async fn`) to promise `Send`: the runtime spawns handlers.
+    #[allow(clippy::manual_async_fn)]
     fn handle<'a>(
         &'a self,
         tx: &'a mut PgConnection,

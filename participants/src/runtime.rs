@@ -265,6 +265,10 @@ impl<H: Handler> Runtime<H> {
         };
         in_flight.close();
         in_flight.wait().await;
+        dead_letters.close().await;
+        if channel.status().connected() {
+            let _ = channel.close(200, "consumer stopping".into()).await;
+        }
         result
     }
 
@@ -277,7 +281,8 @@ impl<H: Handler> Runtime<H> {
             .map(|k| k.as_str().to_owned())
             .unwrap_or_default();
         if let Some(n) = skald_wire::redelivery::exceeded(&self.pool, &delivery, self.config.max_redeliveries).await {
-            self.reject(&delivery, dead_letters, queue, &format!("redelivered {n} times")).await;
+            self.reject(&delivery, dead_letters, queue, &format!("redelivered {n} times"))
+                .await;
             return;
         }
         let command = match serde_json::from_slice::<CommandEnvelope>(&delivery.data) {

@@ -18,6 +18,10 @@ fn the_compose_topology_runs_without_docker_and_keeps_the_invariants() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     println!("{stdout}");
-    assert!(out.status.success(), "topology run failed ({}):\n{stdout}\n{stderr}", out.status);
+    assert!(
+        out.status.success(),
+        "topology run failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
     assert!(stdout.contains("topology up"), "{stdout}");
 }

@@ -10,6 +10,34 @@ use serde_json::Value;
 use skald_participants::order::ShardMap;
 use skald_participants::verify::{Databases, Report};
 
+/// `println!` that ends the process quietly when stdout is a closed pipe
+/// (`sagactl list | head`) instead of panicking.
+#[macro_export]
+macro_rules! outln {
+    () => {
+        $crate::write_line(format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        $crate::write_line(format_args!($($arg)*))
+    };
+}
+
+#[doc(hidden)]
+pub fn write_line(args: fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.write_all(b"\n")) {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            eprintln!("cannot write to stdout: {e}");
+        }
+        std::process::exit(if e.kind() == std::io::ErrorKind::BrokenPipe {
+            0
+        } else {
+            1
+        });
+    }
+}
+
 /// A failed API call: transport error (no status) or an error response.
 #[derive(Debug)]
 pub struct ApiError {
@@ -153,13 +181,33 @@ pub fn one_line(s: &str) -> String {
 #[derive(Debug, Clone, clap::Args)]
 pub struct DbConfig {
     /// The coordinator's database.
-    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/skald")]
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        hide_env_values = true,
+        default_value = "postgres://postgres@127.0.0.1:5432/skald"
+    )]
     pub database_url: String,
-    #[arg(long, env = "ORDERS_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/skald_orders")]
+    #[arg(
+        long,
+        env = "ORDERS_DATABASE_URL",
+        hide_env_values = true,
+        default_value = "postgres://postgres@127.0.0.1:5432/skald_orders"
+    )]
     pub orders_database_url: String,
-    #[arg(long, env = "PAYMENTS_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/skald_payments")]
+    #[arg(
+        long,
+        env = "PAYMENTS_DATABASE_URL",
+        hide_env_values = true,
+        default_value = "postgres://postgres@127.0.0.1:5432/skald_payments"
+    )]
     pub payments_database_url: String,
-    #[arg(long, env = "INVENTORY_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/skald_inventory")]
+    #[arg(
+        long,
+        env = "INVENTORY_DATABASE_URL",
+        hide_env_values = true,
+        default_value = "postgres://postgres@127.0.0.1:5432/skald_inventory"
+    )]
     pub inventory_database_url: String,
     /// Order shard tables, if the orders database does not record it yet.
     #[arg(long, env = "ORDER_SHARDS", default_value_t = 16)]
@@ -169,9 +217,8 @@ pub struct DbConfig {
 impl DbConfig {
     /// Pools to the existing databases (nothing is created or migrated).
     pub async fn connect(&self) -> anyhow::Result<Databases> {
-        let pool = |url: &str, what: &str| {
-            skald_wire::db::lazy_pool(url, 4).with_context(|| format!("{what} database"))
-        };
+        let pool =
+            |url: &str, what: &str| skald_wire::db::lazy_pool(url, 4).with_context(|| format!("{what} database"));
         let orders = pool(&self.orders_database_url, "orders")?;
         let shards = recorded_shards(&orders, self.order_shards).await?;
         Ok(Databases {
@@ -203,25 +250,29 @@ pub fn print_report(report: &Report, max_violations: usize) {
             m.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ")
         }
     };
-    println!("  {:<14}{}", "sagas", counts(&report.sagas_by_status));
-    println!("  {:<14}{}", "orders", counts(&report.orders_by_status));
-    println!(
+    outln!("  {:<14}{}", "sagas", counts(&report.sagas_by_status));
+    outln!("  {:<14}{}", "orders", counts(&report.orders_by_status));
+    outln!(
         "  {:<14}CHARGED {}, REFUNDED {}",
-        "payments", report.charged_payments, report.refunded_payments
+        "payments",
+        report.charged_payments,
+        report.refunded_payments
     );
-    println!(
+    outln!(
         "  {:<14}RESERVED {}, RELEASED {}",
-        "reservations", report.reserved_lines, report.released_lines
+        "reservations",
+        report.reserved_lines,
+        report.released_lines
     );
     if report.ok() {
-        println!("  {:<14}none: every invariant holds", "violations");
+        outln!("  {:<14}none: every invariant holds", "violations");
         return;
     }
-    println!("  {:<14}{}", "violations", report.violations.len());
+    outln!("  {:<14}{}", "violations", report.violations.len());
     for v in report.violations.iter().take(max_violations) {
-        println!("    - {v}");
+        outln!("    - {v}");
     }
     if report.violations.len() > max_violations {
-        println!("    ... and {} more", report.violations.len() - max_violations);
+        outln!("    ... and {} more", report.violations.len() - max_violations);
     }
 }

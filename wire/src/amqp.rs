@@ -247,6 +247,13 @@ impl Publisher {
         Ok(Self { channel })
     }
 
+    /// Closes the channel (before its connection, so that nothing races).
+    pub async fn close(&self) {
+        if self.channel.status().connected() {
+            let _ = self.channel.close(200, "done".into()).await;
+        }
+    }
+
     /// Whether the channel can still be used; if not, open another.
     pub fn is_usable(&self) -> bool {
         self.channel.status().connected()

@@ -152,7 +152,8 @@ impl Relay {
                 }
             }
         }
-        if let Some((conn, _)) = link {
+        if let Some((conn, publisher)) = link {
+            publisher.close().await;
             let _ = conn.close(200, "shutdown".into()).await;
         }
         tracing::info!("outbox relay stopped");

@@ -68,7 +68,9 @@ status=0
 "$bin/demo" --url "http://127.0.0.1:$port1" "$@" || status=$?
 
 # Every process must stop cleanly on SIGTERM.
-for pid in "${pids[@]}"; do kill -TERM "$pid"; done
+for pid in "${pids[@]}"; do
+  kill -TERM "$pid" 2>/dev/null || { echo "process $pid had exited before the end; logs in $logs" >&2; status=1; }
+done
 for pid in "${pids[@]}"; do
   if ! wait "$pid"; then echo "process $pid did not exit cleanly; logs in $logs" >&2; status=1; fi
 done

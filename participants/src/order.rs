@@ -51,14 +51,21 @@ impl ShardMap {
     }
 
     /// Creates the shard tables if missing and checks the recorded count.
+    /// Instances starting together serialize on an advisory lock (concurrent
+    /// `CREATE TABLE IF NOT EXISTS` of one table can fail in PostgreSQL).
     pub async fn prepare(&self, pool: &PgPool) -> Result<(), String> {
         let db = |e: sqlx::Error| format!("preparing order shards: {e}");
+        let mut tx = pool.begin().await.map_err(db)?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('skald.order_shards'))")
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
         let recorded: Option<i32> = sqlx::query_scalar(
             "INSERT INTO order_shards (shards) VALUES ($1)
              ON CONFLICT (singleton) DO UPDATE SET shards = order_shards.shards RETURNING shards",
         )
         .bind(self.shards as i32)
-        .fetch_optional(pool)
+        .fetch_optional(&mut *tx)
         .await
         .map_err(db)?;
         if let Some(n) = recorded
@@ -73,10 +80,11 @@ impl ShardMap {
             sqlx::query(AssertSqlSafe(format!(
                 "CREATE TABLE IF NOT EXISTS {t} (LIKE orders_template INCLUDING ALL)"
             )))
-            .execute(pool)
+            .execute(&mut *tx)
             .await
             .map_err(db)?;
         }
+        tx.commit().await.map_err(db)?;
         Ok(())
     }
 }

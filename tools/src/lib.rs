@@ -23,6 +23,8 @@ macro_rules! outln {
 }
 
 #[doc(hidden)]
+pub mod dlq;
+
 pub fn write_line(args: fmt::Arguments<'_>) {
     use std::io::Write;
     let mut out = std::io::stdout().lock();

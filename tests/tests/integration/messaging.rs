@@ -157,3 +157,56 @@ async fn an_undecodable_command_is_dead_lettered_and_the_participant_keeps_servi
     assert_eq!(env.balance("gina").await, 750);
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_lists_dead_letters_without_consuming_them_and_replays_one() {
+    let mut env = TestEnv::start(Setup::only(Which::Payment)).await;
+    env.seed(&[("jack", 1_000)], &[]).await;
+    let (_conn, ch) = env.amqp().await;
+    // A good command that was dead-lettered earlier (say, while a bug was being fixed).
+    let order_id = Uuid::now_v7();
+    let body = command(Uuid::now_v7(), order_id, 1, "action", "jack", 125);
+    let message_id = Uuid::now_v7();
+    let mut headers = std::collections::BTreeMap::new();
+    headers.insert(HEADER_REASON.to_owned(), "redelivered 11 times".to_owned());
+    headers.insert("x-skald-original-exchange".to_owned(), COMMANDS_EXCHANGE.to_owned());
+    headers.insert("x-skald-original-routing-key".to_owned(), "payment".to_owned());
+    headers.insert("x-skald-original-queue".to_owned(), "skald.payment.commands".to_owned());
+    let publisher = skald_wire::amqp::Publisher::open(&_conn).await.unwrap();
+    publisher
+        .publish_all(&[skald_wire::amqp::OutgoingMessage {
+            message_id,
+            exchange: skald_wire::contract::DLX_EXCHANGE.to_owned(),
+            routing_key: "skald.payment.commands".to_owned(),
+            message_type: "ChargePayment".to_owned(),
+            correlation_id: Uuid::nil(),
+            body,
+            headers,
+        }])
+        .await
+        .unwrap();
+
+    let url = env.names.amqp_url();
+    let listed = skald_tools::dlq::list(&url, 10).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].message_id, message_id.to_string());
+    assert_eq!(listed[0].reason, "redelivered 11 times");
+    assert_eq!(
+        skald_tools::dlq::list(&url, 10).await.unwrap().len(),
+        1,
+        "listing consumes nothing"
+    );
+    assert!(env.payments(order_id).await.is_empty());
+
+    let replayed = skald_tools::dlq::replay(&url, &message_id.to_string()).await.unwrap();
+    assert_eq!(replayed.message_type, "ChargePayment");
+    let reply = take_messages(&ch, REPLIES_QUEUE, 1, WITHIN).await;
+    assert_eq!(reply[0].0["outcome"], "success");
+    assert_eq!(env.payments(order_id).await, vec![("CHARGED".to_owned(), 125)]);
+    assert!(
+        skald_tools::dlq::list(&url, 10).await.unwrap().is_empty(),
+        "replayed letters leave the queue"
+    );
+    assert!(skald_tools::dlq::replay(&url, &message_id.to_string()).await.is_err());
+    env.stop().await;
+}

@@ -53,6 +53,19 @@ enum Command {
         #[command(flatten)]
         db: DbConfig,
     },
+    /// The dead-letter queue: `dlq list`, `dlq replay MESSAGE_ID`.
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+        /// RabbitMQ.
+        #[arg(
+            long,
+            env = "AMQP_URL",
+            default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+            hide_env_values = true
+        )]
+        amqp_url: String,
+    },
     /// Check the invariants across the four databases; exit 1 on any violation.
     Verify {
         #[command(flatten)]
@@ -61,6 +74,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqAction {
+    /// Show dead letters (oldest first) with the reason; they stay in the queue.
+    List {
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Re-send one dead letter to where it was first published, and remove it.
+    Replay { message_id: String },
 }
 
 #[tokio::main]
@@ -83,6 +107,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Retry { id } => operate(&api, &id, "retry").await?,
         Command::Abort { id } => operate(&api, &id, "abort").await?,
         Command::Stats { db } => stats(&db).await?,
+        Command::Dlq { action, amqp_url } => dlq(&amqp_url, action).await?,
         Command::Verify { db, json } => return verify(&db, json).await,
     }
     Ok(ExitCode::SUCCESS)
@@ -330,4 +355,30 @@ fn ms(d: chrono::TimeDelta) -> String {
     } else {
         format!("{ms:.1} ms")
     }
+}
+
+async fn dlq(amqp_url: &str, action: DlqAction) -> anyhow::Result<()> {
+    match action {
+        DlqAction::List { limit } => {
+            let letters = skald_tools::dlq::list(amqp_url, limit).await?;
+            if letters.is_empty() {
+                outln!("no dead letters");
+            }
+            for l in letters {
+                outln!(
+                    "{}  {}  from {}\n    reason: {}\n    body:   {}",
+                    l.message_id,
+                    l.message_type,
+                    l.original_queue,
+                    l.reason,
+                    l.body
+                );
+            }
+        }
+        DlqAction::Replay { message_id } => {
+            let l = skald_tools::dlq::replay(amqp_url, &message_id).await?;
+            outln!("replayed {} ({}) to {}", l.message_id, l.message_type, l.original_queue);
+        }
+    }
+    Ok(())
 }

@@ -34,6 +34,11 @@ pub struct Config {
         default_value = "postgres://postgres@127.0.0.1:5432/skald_orders"
     )]
     pub orders_database_url: String,
+    /// Spread the order shards over several databases: a comma-separated list
+    /// (shard s lives in database s mod n). Overrides ORDERS_DATABASE_URL. The
+    /// list is recorded at first start and may not change afterwards.
+    #[arg(long, env = "ORDERS_DATABASE_URLS", value_delimiter = ',', hide_env_values = true)]
+    pub orders_database_urls: Vec<String>,
     #[arg(
         long,
         env = "PAYMENTS_DATABASE_URL",
@@ -124,9 +129,25 @@ impl Config {
         })
     }
 
+    /// The orders databases, in shard-map order.
+    pub fn order_database_urls(&self) -> Vec<String> {
+        let listed: Vec<String> = self
+            .orders_database_urls
+            .iter()
+            .map(|u| u.trim().to_owned())
+            .filter(|u| !u.is_empty())
+            .collect();
+        if listed.is_empty() {
+            vec![self.orders_database_url.clone()]
+        } else {
+            listed
+        }
+    }
+
     pub fn order_store(&self) -> anyhow::Result<OrderStore> {
+        let databases = self.order_database_urls().len() as u32;
         Ok(OrderStore {
-            shards: ShardMap::new(self.order_shards).map_err(anyhow::Error::msg)?,
+            shards: ShardMap::spread(self.order_shards, databases).map_err(anyhow::Error::msg)?,
         })
     }
 
@@ -161,14 +182,18 @@ impl Participant {
     /// Connects to everything it needs (bounded retries), migrates its database.
     pub async fn build(which: Which, config: &Config) -> anyhow::Result<Self> {
         let runtime = config.runtime(which)?;
-        let (url, migrator) = match which {
-            Which::Order => (&config.orders_database_url, &ORDERS_MIGRATOR),
-            Which::Payment => (&config.payments_database_url, &PAYMENTS_MIGRATOR),
-            Which::Inventory => (&config.inventory_database_url, &INVENTORY_MIGRATOR),
+        let (urls, migrator) = match which {
+            Which::Order => (config.order_database_urls(), &ORDERS_MIGRATOR),
+            Which::Payment => (vec![config.payments_database_url.clone()], &PAYMENTS_MIGRATOR),
+            Which::Inventory => (vec![config.inventory_database_url.clone()], &INVENTORY_MIGRATOR),
         };
-        let pool = skald_wire::db::connect_and_migrate(url, config.db_pool_size, migrator, config.startup_retries)
-            .await
-            .with_context(|| format!("{which:?} database"))?;
+        let mut pools = Vec::with_capacity(urls.len());
+        for (i, url) in urls.iter().enumerate() {
+            let pool = skald_wire::db::connect_and_migrate(url, config.db_pool_size, migrator, config.startup_retries)
+                .await
+                .with_context(|| format!("{which:?} database #{i}"))?;
+            pools.push(pool);
+        }
         let never = CancellationToken::new();
         let name = runtime_name(which);
         let conn = skald_wire::amqp::connect_with_backoff(
@@ -185,33 +210,37 @@ impl Participant {
         Ok(match which {
             Which::Order => {
                 let store = config.order_store()?;
-                store.shards.prepare(&pool).await.map_err(anyhow::Error::msg)?;
+                for (i, pool) in pools.iter().enumerate() {
+                    store.shards.prepare(pool, i).await.map_err(anyhow::Error::msg)?;
+                }
                 let locks = config.locks().await?;
-                Participant::Order(Runtime::new(pool, OrderParticipant { store }, Some(locks), runtime))
+                Participant::Order(Runtime::partitioned(
+                    pools,
+                    OrderParticipant { store },
+                    Some(locks),
+                    runtime,
+                ))
             }
-            Which::Payment => Participant::Payment(Runtime::new(pool, PaymentParticipant, None, runtime)),
-            Which::Inventory => Participant::Inventory(Runtime::new(pool, InventoryParticipant, None, runtime)),
+            Which::Payment => Participant::Payment(Runtime::partitioned(pools, PaymentParticipant, None, runtime)),
+            Which::Inventory => {
+                Participant::Inventory(Runtime::partitioned(pools, InventoryParticipant, None, runtime))
+            }
         })
     }
 
     pub async fn run(self, shutdown: CancellationToken) {
         match self {
-            Participant::Order(r) => {
-                let pool = r.pool().clone();
-                r.run(shutdown).await;
-                pool.close().await;
-            }
-            Participant::Payment(r) => {
-                let pool = r.pool().clone();
-                r.run(shutdown).await;
-                pool.close().await;
-            }
-            Participant::Inventory(r) => {
-                let pool = r.pool().clone();
-                r.run(shutdown).await;
-                pool.close().await;
-            }
+            Participant::Order(r) => close_after(r.pools().to_vec(), r.run(shutdown)).await,
+            Participant::Payment(r) => close_after(r.pools().to_vec(), r.run(shutdown)).await,
+            Participant::Inventory(r) => close_after(r.pools().to_vec(), r.run(shutdown)).await,
         }
+    }
+}
+
+async fn close_after(pools: Vec<sqlx::PgPool>, run: impl std::future::Future<Output = ()>) {
+    run.await;
+    for pool in pools {
+        pool.close().await;
     }
 }
 

@@ -2,8 +2,11 @@
 //! (`orders_00` ..), every mutation under a Redis lock with a fencing token.
 //!
 //! Shard map (stable, documented in the README): shard = FNV-1a 64 of the
-//! order id's 16 bytes, modulo the shard count. The count is recorded in
-//! `order_shards` at first start; a restart with another count is refused.
+//! order id's 16 bytes, modulo the shard count; with several orders
+//! databases (`ORDERS_DATABASE_URLS`), shard `s` lives in database
+//! `s mod n`, together with the inbox and outbox rows of the commands on its
+//! orders, so each command is still one local transaction. Counts are
+//! recorded in `order_shards` at first start; a restart with others is refused.
 
 use std::future::Future;
 
@@ -19,14 +22,43 @@ use crate::runtime::{CommandContext, Handled, Handler, HandlerError};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ShardMap {
     shards: u32,
+    databases: u32,
 }
 
 impl ShardMap {
+    /// All shards in one database.
     pub fn new(shards: u32) -> Result<Self, String> {
-        (1..=100)
-            .contains(&shards)
-            .then_some(Self { shards })
-            .ok_or_else(|| format!("ORDER_SHARDS must be between 1 and 100, not {shards}"))
+        Self::spread(shards, 1)
+    }
+
+    /// `shards` shards over `databases` databases (shard s in database s mod n).
+    pub fn spread(shards: u32, databases: u32) -> Result<Self, String> {
+        if !(1..=100).contains(&shards) {
+            return Err(format!("ORDER_SHARDS must be between 1 and 100, not {shards}"));
+        }
+        if !(1..=shards).contains(&databases) {
+            return Err(format!(
+                "{databases} orders databases for {shards} shards: need 1 to {shards}"
+            ));
+        }
+        Ok(Self { shards, databases })
+    }
+
+    pub fn databases(&self) -> u32 {
+        self.databases
+    }
+
+    /// The index (in the orders database list) of the database holding `order_id`.
+    pub fn database_of(&self, order_id: Uuid) -> usize {
+        (self.shard_of(order_id) % self.databases) as usize
+    }
+
+    /// The shard tables that live in database `index`.
+    pub fn tables_in(&self, index: usize) -> Vec<String> {
+        (0..self.shards)
+            .filter(|s| (s % self.databases) as usize == index)
+            .map(table_name)
+            .collect()
     }
 
     pub fn shards(&self) -> u32 {
@@ -50,33 +82,36 @@ impl ShardMap {
         (0..self.shards).map(table_name).collect()
     }
 
-    /// Creates the shard tables if missing and checks the recorded count.
-    /// Instances starting together serialize on an advisory lock (concurrent
-    /// `CREATE TABLE IF NOT EXISTS` of one table can fail in PostgreSQL).
-    pub async fn prepare(&self, pool: &PgPool) -> Result<(), String> {
+    /// Creates the shard tables of database `index` if missing and checks
+    /// the recorded layout. Instances starting together serialize on an
+    /// advisory lock (concurrent `CREATE TABLE IF NOT EXISTS` can fail).
+    pub async fn prepare(&self, pool: &PgPool, index: usize) -> Result<(), String> {
         let db = |e: sqlx::Error| format!("preparing order shards: {e}");
         let mut tx = pool.begin().await.map_err(db)?;
         sqlx::query("SELECT pg_advisory_xact_lock(hashtext('skald.order_shards'))")
             .execute(&mut *tx)
             .await
             .map_err(db)?;
-        let recorded: Option<i32> = sqlx::query_scalar(
-            "INSERT INTO order_shards (shards) VALUES ($1)
-             ON CONFLICT (singleton) DO UPDATE SET shards = order_shards.shards RETURNING shards",
+        let recorded: (i32, i32, i32) = sqlx::query_as(
+            "INSERT INTO order_shards (shards, databases, database_index) VALUES ($1, $2, $3)
+             ON CONFLICT (singleton) DO UPDATE SET shards = order_shards.shards
+             RETURNING shards, databases, database_index",
         )
         .bind(self.shards as i32)
-        .fetch_optional(&mut *tx)
+        .bind(self.databases as i32)
+        .bind(index as i32)
+        .fetch_one(&mut *tx)
         .await
         .map_err(db)?;
-        if let Some(n) = recorded
-            && n as u32 != self.shards
-        {
+        let wanted = (self.shards as i32, self.databases as i32, index as i32);
+        if recorded != wanted {
             return Err(format!(
-                "this orders database was created with ORDER_SHARDS={n}; refusing to start with {}",
-                self.shards
+                "this orders database holds shards for ORDER_SHARDS={}, {} database(s), position {}; \
+                 refusing to start as ORDER_SHARDS={}, {} database(s), position {}",
+                recorded.0, recorded.1, recorded.2, wanted.0, wanted.1, wanted.2
             ));
         }
-        for t in self.tables() {
+        for t in self.tables_in(index) {
             sqlx::query(AssertSqlSafe(format!(
                 "CREATE TABLE IF NOT EXISTS {t} (LIKE orders_template INCLUDING ALL)"
             )))
@@ -196,13 +231,11 @@ impl Handler for OrderParticipant {
     }
 
     fn lock_resource(&self, command: &CommandEnvelope) -> Result<Option<String>, HandlerError> {
-        let id = command
-            .payload
-            .get("order_id")
-            .and_then(|v| v.as_str())
-            .and_then(|s| Uuid::parse_str(s).ok())
-            .ok_or_else(|| HandlerError::BadPayload("order_id missing or not a UUID".to_owned()))?;
-        Ok(Some(format!("order:{id}")))
+        Ok(Some(format!("order:{}", order_id(command)?)))
+    }
+
+    fn partition(&self, command: &CommandEnvelope) -> Result<usize, HandlerError> {
+        Ok(self.store.shards.database_of(order_id(command)?))
     }
 
     // Written out (not `async fn`) to promise `Send`: the runtime spawns handlers.
@@ -239,4 +272,13 @@ impl Handler for OrderParticipant {
             }
         }
     }
+}
+
+fn order_id(command: &CommandEnvelope) -> Result<Uuid, HandlerError> {
+    command
+        .payload
+        .get("order_id")
+        .and_then(|v| v.as_str())
+        .and_then(|s| Uuid::parse_str(s).ok())
+        .ok_or_else(|| HandlerError::BadPayload("order_id missing or not a UUID".to_owned()))
 }

@@ -102,6 +102,12 @@ pub trait Handler: Send + Sync + 'static {
         Ok(None)
     }
 
+    /// Which of the runtime's databases this command's transaction runs in
+    /// (its inbox, business rows and reply outbox). One database: always 0.
+    fn partition(&self, _command: &CommandEnvelope) -> Result<usize, HandlerError> {
+        Ok(0)
+    }
+
     /// Applies the command in `tx`. Errors roll everything back.
     fn handle<'a>(
         &'a self,
@@ -145,7 +151,8 @@ impl Processed {
 }
 
 pub struct Runtime<H: Handler> {
-    pool: PgPool,
+    /// The participant's databases; one unless its data is partitioned.
+    pools: Vec<PgPool>,
     handler: Arc<H>,
     locks: Option<Locks>,
     config: RuntimeConfig,
@@ -156,7 +163,7 @@ pub struct Runtime<H: Handler> {
 impl<H: Handler> Clone for Runtime<H> {
     fn clone(&self) -> Self {
         Self {
-            pool: self.pool.clone(),
+            pools: self.pools.clone(),
             handler: self.handler.clone(),
             locks: self.locks.clone(),
             config: self.config.clone(),
@@ -169,8 +176,14 @@ const TOMBSTONE_REASON: &str = "refused by the barrier: compensated before the a
 
 impl<H: Handler> Runtime<H> {
     pub fn new(pool: PgPool, handler: H, locks: Option<Locks>, config: RuntimeConfig) -> Self {
+        Self::partitioned(vec![pool], handler, locks, config)
+    }
+
+    /// A runtime over several databases, chosen per command by [`Handler::partition`].
+    /// `pools` must not be empty.
+    pub fn partitioned(pools: Vec<PgPool>, handler: H, locks: Option<Locks>, config: RuntimeConfig) -> Self {
         Self {
-            pool,
+            pools,
             handler: Arc::new(handler),
             locks,
             config,
@@ -178,8 +191,13 @@ impl<H: Handler> Runtime<H> {
         }
     }
 
+    /// The first database (the only one unless partitioned).
     pub fn pool(&self) -> &PgPool {
-        &self.pool
+        &self.pools[0]
+    }
+
+    pub fn pools(&self) -> &[PgPool] {
+        &self.pools
     }
 
     /// Consumes commands and relays replies until `shutdown`; then stops
@@ -187,20 +205,22 @@ impl<H: Handler> Runtime<H> {
     pub async fn run(self, shutdown: CancellationToken) {
         let participant = self.handler.participant();
         let tasks = TaskTracker::new();
-        tasks.spawn(
-            skald_wire::outbox::Relay {
-                pool: self.pool.clone(),
-                amqp_url: self.config.amqp_url.clone(),
-                name: format!("skald-{participant}-relay"),
-                topology: self.config.topology.clone(),
-                participants: vec![participant.to_owned()],
-                wake: self.relay_wake.clone(),
-                batch_size: self.config.relay_batch,
-                poll_interval: self.config.relay_poll,
-                faults: self.config.faults.clone(),
-            }
-            .run(shutdown.child_token()),
-        );
+        for (i, pool) in self.pools.iter().enumerate() {
+            tasks.spawn(
+                skald_wire::outbox::Relay {
+                    pool: pool.clone(),
+                    amqp_url: self.config.amqp_url.clone(),
+                    name: format!("skald-{participant}-relay-{i}"),
+                    topology: self.config.topology.clone(),
+                    participants: vec![participant.to_owned()],
+                    wake: self.relay_wake.clone(),
+                    batch_size: self.config.relay_batch,
+                    poll_interval: self.config.relay_poll,
+                    faults: self.config.faults.clone(),
+                }
+                .run(shutdown.child_token()),
+            );
+        }
         tasks.close();
         let consumer_stop = shutdown.child_token();
         while !consumer_stop.is_cancelled() {
@@ -280,7 +300,7 @@ impl<H: Handler> Runtime<H> {
             .as_ref()
             .map(|k| k.as_str().to_owned())
             .unwrap_or_default();
-        if let Some(n) = skald_wire::redelivery::exceeded(&self.pool, &delivery, self.config.max_redeliveries).await {
+        if let Some(n) = skald_wire::redelivery::exceeded(self.pool(), &delivery, self.config.max_redeliveries).await {
             self.reject(&delivery, dead_letters, queue, &format!("redelivered {n} times"))
                 .await;
             return;
@@ -345,13 +365,17 @@ impl<H: Handler> Runtime<H> {
     /// reply in the outbox. Returns an error only when nothing could be
     /// stored (then the command must be redelivered) or the message is bad.
     pub async fn process(&self, command: &CommandEnvelope, message_type: &str) -> Result<Processed, HandlerError> {
+        let pool = self
+            .pools
+            .get(self.handler.partition(command)?)
+            .ok_or_else(|| HandlerError::BadPayload("partition out of range".to_owned()))?;
         let guard = match self.lock_for(command).await {
             Ok(g) => g,
-            Err(e) if e.is_transient() => return self.retryable(command, &e).await,
+            Err(e) if e.is_transient() => return self.retryable(pool, command, &e).await,
             Err(e) => return Err(e),
         };
         let result = self
-            .execute(command, message_type, guard.as_ref().map(|g| g.fence))
+            .execute(pool, command, message_type, guard.as_ref().map(|g| g.fence))
             .await;
         if let (Some(locks), Some(guard)) = (&self.locks, &guard) {
             // After the commit. If this fails the lock expires by itself.
@@ -364,7 +388,7 @@ impl<H: Handler> Runtime<H> {
                 self.relay_wake.notify_one();
                 Ok(p)
             }
-            Err(e) if e.is_transient() => self.retryable(command, &e).await,
+            Err(e) if e.is_transient() => self.retryable(pool, command, &e).await,
             Err(e) => Err(e),
         }
     }
@@ -380,10 +404,15 @@ impl<H: Handler> Runtime<H> {
     }
 
     /// Stores a `retryable` failure reply (nothing else changed).
-    async fn retryable(&self, command: &CommandEnvelope, error: &HandlerError) -> Result<Processed, HandlerError> {
+    async fn retryable(
+        &self,
+        pool: &PgPool,
+        command: &CommandEnvelope,
+        error: &HandlerError,
+    ) -> Result<Processed, HandlerError> {
         tracing::info!(error = %error, "transient failure; the coordinator will retry");
         let reply = ReplyEnvelope::failure(command, true, error.to_string());
-        let mut tx = self.pool.begin().await?;
+        let mut tx = pool.begin().await?;
         skald_wire::outbox::insert(&mut tx, &[reply_message(&reply)]).await?;
         tx.commit().await?;
         self.relay_wake.notify_one();
@@ -392,11 +421,12 @@ impl<H: Handler> Runtime<H> {
 
     async fn execute(
         &self,
+        pool: &PgPool,
         command: &CommandEnvelope,
         message_type: &str,
         fence: Option<i64>,
     ) -> Result<Processed, HandlerError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = pool.begin().await?;
         let fresh = claim(&mut tx, command, message_type, command.kind, false, None).await?;
         if !fresh {
             let stored = stored_reply(&mut tx, command, command.kind).await?;

@@ -28,11 +28,19 @@ use uuid::Uuid;
 
 use crate::order::ShardMap;
 
+impl Databases {
+    /// The orders database holding `order_id`.
+    pub fn orders_of(&self, order_id: Uuid) -> &PgPool {
+        &self.orders[self.shards.database_of(order_id)]
+    }
+}
+
 /// The four databases of one deployment.
 #[derive(Debug, Clone)]
 pub struct Databases {
     pub coordinator: PgPool,
-    pub orders: PgPool,
+    /// The orders databases, in shard-map order (one unless spread).
+    pub orders: Vec<PgPool>,
     pub payments: PgPool,
     pub inventory: PgPool,
     pub shards: ShardMap,
@@ -174,11 +182,16 @@ async fn load(dbs: &Databases) -> Result<World, sqlx::Error> {
 
     let mut orders = BTreeMap::new();
     let mut duplicates = Vec::new();
-    for table in dbs.shards.tables() {
+    let shard_tables = dbs
+        .orders
+        .iter()
+        .enumerate()
+        .flat_map(|(i, pool)| dbs.shards.tables_in(i).into_iter().map(move |t| (pool, t)));
+    for (pool, table) in shard_tables {
         let rows: Vec<(Uuid, Uuid, String, String, i64, serde_json::Value)> = sqlx::query_as(AssertSqlSafe(format!(
             "SELECT id, saga_id, customer_id, status, total_cents, items FROM {table}"
         )))
-        .fetch_all(&dbs.orders)
+        .fetch_all(pool)
         .await?;
         for (id, saga_id, customer_id, status, total_cents, items) in rows {
             let row = OrderRow {

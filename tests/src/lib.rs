@@ -33,6 +33,8 @@ pub struct Setup {
     pub step_max_attempts: u32,
     pub compensation_max_failures: u32,
     pub order_shards: u32,
+    /// Orders databases the shards are spread over.
+    pub order_databases: u32,
 }
 
 impl Default for Setup {
@@ -44,6 +46,7 @@ impl Default for Setup {
             step_max_attempts: 8,
             compensation_max_failures: 10,
             order_shards: 4,
+            order_databases: 1,
         }
     }
 }
@@ -125,26 +128,39 @@ impl TestEnv {
         let mut env = Self {
             base_url: String::new(),
             http: reqwest::Client::new(),
-            participant_config: participant_config(&names, setup.order_shards),
+            participant_config: participant_config(&names, setup.order_shards, setup.order_databases),
             coordinator_config: coordinator_config(&names, &setup),
-            dbs: databases(&names, setup.order_shards),
+            dbs: databases_spread(&names, setup.order_shards, setup.order_databases),
             names,
             shutdown: CancellationToken::new(),
             tasks: Vec::new(),
         };
         // Every database is created and migrated, whatever runs.
         let c = &env.participant_config;
-        for (url, m) in [
-            (&c.orders_database_url, &skald_participants::app::ORDERS_MIGRATOR),
-            (&c.payments_database_url, &skald_participants::app::PAYMENTS_MIGRATOR),
-            (&c.inventory_database_url, &skald_participants::app::INVENTORY_MIGRATOR),
-        ] {
-            let pool = skald_wire::db::connect_and_migrate(url, 1, m, 2)
+        let mut dbs: Vec<(String, &'static sqlx::migrate::Migrator)> = vec![
+            (
+                c.payments_database_url.clone(),
+                &skald_participants::app::PAYMENTS_MIGRATOR,
+            ),
+            (
+                c.inventory_database_url.clone(),
+                &skald_participants::app::INVENTORY_MIGRATOR,
+            ),
+        ];
+        dbs.extend(
+            c.order_database_urls()
+                .into_iter()
+                .map(|u| (u, &skald_participants::app::ORDERS_MIGRATOR)),
+        );
+        for (url, m) in dbs {
+            let pool = skald_wire::db::connect_and_migrate(&url, 1, m, 2)
                 .await
                 .expect("participant db");
             pool.close().await;
         }
-        env.dbs.shards.prepare(&env.dbs.orders).await.expect("order shards");
+        for (i, pool) in env.dbs.orders.iter().enumerate() {
+            env.dbs.shards.prepare(pool, i).await.expect("order shards");
+        }
         if setup.coordinator {
             let app = skald_coordinator::Application::build(env.coordinator_config.clone())
                 .await
@@ -345,7 +361,7 @@ pub fn cleanup(names: &Names) {
     };
     rt.block_on(async {
         if let Ok(admin) = skald_wire::db::lazy_pool(&format!("{PG}/postgres"), 1) {
-            for what in ["c", "o", "p", "i"] {
+            for what in ["c", "o", "p", "i", "o1", "o2", "o3"] {
                 let sql = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", names.db(what));
                 let _ = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&admin).await;
             }
@@ -386,9 +402,12 @@ fn coordinator_config(names: &Names, setup: &Setup) -> skald_coordinator::Config
     c
 }
 
-fn participant_config(names: &Names, shards: u32) -> ParticipantConfig {
+fn participant_config(names: &Names, shards: u32, order_databases: u32) -> ParticipantConfig {
     let mut c = ParticipantConfig::local();
     c.orders_database_url = names.db_url("o");
+    if order_databases > 1 {
+        c.orders_database_urls = (0..order_databases).map(|i| names.db_url(&order_db(i))).collect();
+    }
     c.payments_database_url = names.db_url("p");
     c.inventory_database_url = names.db_url("i");
     c.amqp_url = names.amqp_url();
@@ -401,14 +420,23 @@ fn participant_config(names: &Names, shards: u32) -> ParticipantConfig {
     c
 }
 
+/// The names of the orders databases: `o`, then `o1`, `o2`, ...
+fn order_db(i: u32) -> String {
+    if i == 0 { "o".to_owned() } else { format!("o{i}") }
+}
+
 pub fn databases(names: &Names, shards: u32) -> Databases {
+    databases_spread(names, shards, 1)
+}
+
+pub fn databases_spread(names: &Names, shards: u32, order_databases: u32) -> Databases {
     let pool = |what: &str| -> PgPool { skald_wire::db::lazy_pool(&names.db_url(what), 2).expect("pool") };
     Databases {
         coordinator: pool("c"),
-        orders: pool("o"),
+        orders: (0..order_databases).map(|i| pool(&order_db(i))).collect(),
         payments: pool("p"),
         inventory: pool("i"),
-        shards: ShardMap::new(shards).expect("shards"),
+        shards: ShardMap::spread(shards, order_databases).expect("shards"),
     }
 }
 

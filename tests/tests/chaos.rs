@@ -1,6 +1,7 @@
 //! The failure-injection suite: the real binaries as separate OS processes,
 //! SIGKILLed and restarted at random, with crashes injected at every named
-//! point, RabbitMQ and Redis restarted once each, while 500 orders flow.
+//! point, RabbitMQ and Redis restarted once each, while 500 orders flow
+//! (order shards spread over two databases).
 //! Then: every saga final, no double charge, every invariant, no message
 //! left unacked or unexplained.
 //!
@@ -59,6 +60,7 @@ impl Cluster {
         let n = &self.names;
         cmd.env("DATABASE_URL", n.db_url("c"))
             .env("ORDERS_DATABASE_URL", n.db_url("o"))
+            .env("ORDERS_DATABASE_URLS", format!("{},{}", n.db_url("o"), n.db_url("o1")))
             .env("PAYMENTS_DATABASE_URL", n.db_url("p"))
             .env("INVENTORY_DATABASE_URL", n.db_url("i"))
             .env("AMQP_URL", n.amqp_url())
@@ -353,7 +355,7 @@ async fn crashes_restarts_and_outages_lose_nothing() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    let dbs = skald_tests::databases(&names, 4);
+    let dbs = skald_tests::databases_spread(&names, 4, 2); // order shards over two databases
     // The participants create their databases; wait for the tables, then seed.
     let seeded = Instant::now() + Duration::from_secs(60);
     loop {
@@ -468,7 +470,10 @@ async fn crashes_restarts_and_outages_lose_nothing() {
             .filter(|(q, (r, u))| q.as_str() != "skald.dead-letters" && (*r > 0 || *u > 0))
             .collect();
         let mut outbox = 0i64;
-        for pool in [&dbs.coordinator, &dbs.orders, &dbs.payments, &dbs.inventory] {
+        for pool in [&dbs.coordinator, &dbs.payments, &dbs.inventory]
+            .into_iter()
+            .chain(&dbs.orders)
+        {
             outbox += sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox")
                 .fetch_one(pool)
                 .await

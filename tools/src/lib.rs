@@ -211,17 +211,39 @@ pub struct DbConfig {
         default_value = "postgres://postgres@127.0.0.1:5432/skald_inventory"
     )]
     pub inventory_database_url: String,
+    /// Orders databases when the shards are spread (comma-separated); overrides ORDERS_DATABASE_URL.
+    #[arg(long, env = "ORDERS_DATABASE_URLS", value_delimiter = ',', hide_env_values = true)]
+    pub orders_database_urls: Vec<String>,
     /// Order shard tables, if the orders database does not record it yet.
     #[arg(long, env = "ORDER_SHARDS", default_value_t = 16)]
     pub order_shards: u32,
 }
 
 impl DbConfig {
+    /// The orders databases, in shard-map order.
+    pub fn order_urls(&self) -> Vec<String> {
+        let listed: Vec<String> = self
+            .orders_database_urls
+            .iter()
+            .map(|u| u.trim().to_owned())
+            .filter(|u| !u.is_empty())
+            .collect();
+        if listed.is_empty() {
+            vec![self.orders_database_url.clone()]
+        } else {
+            listed
+        }
+    }
+
     /// Pools to the existing databases (nothing is created or migrated).
     pub async fn connect(&self) -> anyhow::Result<Databases> {
         let pool =
             |url: &str, what: &str| skald_wire::db::lazy_pool(url, 4).with_context(|| format!("{what} database"));
-        let orders = pool(&self.orders_database_url, "orders")?;
+        let orders = self
+            .order_urls()
+            .iter()
+            .map(|u| pool(u, "orders"))
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let shards = recorded_shards(&orders, self.order_shards).await?;
         Ok(Databases {
             coordinator: pool(&self.database_url, "coordinator")?,
@@ -233,14 +255,15 @@ impl DbConfig {
     }
 }
 
-/// The shard count recorded in the orders database, else `fallback`.
-pub async fn recorded_shards(orders: &sqlx::PgPool, fallback: u32) -> anyhow::Result<ShardMap> {
+/// The shard map recorded in the (first) orders database, else `fallback` shards over `orders`.
+pub async fn recorded_shards(orders: &[sqlx::PgPool], fallback: u32) -> anyhow::Result<ShardMap> {
+    let first = orders.first().context("no orders database")?;
     let recorded: Option<i32> = sqlx::query_scalar("SELECT shards FROM order_shards")
-        .fetch_optional(orders)
+        .fetch_optional(first)
         .await
         .context("orders database")?;
     let n = recorded.map_or(fallback, |n| n as u32);
-    ShardMap::new(n).map_err(anyhow::Error::msg)
+    ShardMap::spread(n, orders.len() as u32).map_err(anyhow::Error::msg)
 }
 
 /// Prints a verify report as a small table; at most `max_violations` lines of them.

@@ -37,7 +37,7 @@ async fn concurrent_mutations_of_one_order_serialize_through_the_lock() {
     let order_id = Uuid::now_v7();
     let resource = format!("order:{order_id}");
     let first = locks.acquire(&resource).await.unwrap();
-    let mut tx = env.dbs.orders.begin().await.unwrap();
+    let mut tx = env.dbs.orders[0].begin().await.unwrap();
     store
         .insert(&mut tx, Uuid::now_v7(), &payload(order_id), first.fence)
         .await
@@ -77,13 +77,13 @@ async fn concurrent_mutations_of_one_order_serialize_through_the_lock() {
             locks.release(&guard).await.unwrap();
         }
     };
-    let a = tokio::spawn(worker(locks.clone(), env.dbs.orders.clone(), table.clone()));
-    let b = tokio::spawn(worker(locks.clone(), env.dbs.orders.clone(), table.clone()));
+    let a = tokio::spawn(worker(locks.clone(), env.dbs.orders[0].clone(), table.clone()));
+    let b = tokio::spawn(worker(locks.clone(), env.dbs.orders[0].clone(), table.clone()));
     a.await.unwrap();
     b.await.unwrap();
     let total: i64 = sqlx::query_scalar(AssertSqlSafe(format!("SELECT total_cents FROM {table} WHERE id = $1")))
         .bind(order_id)
-        .fetch_one(&env.dbs.orders)
+        .fetch_one(&env.dbs.orders[0])
         .await
         .unwrap();
     assert_eq!(total, 30);
@@ -104,7 +104,7 @@ async fn a_write_with_a_stale_fencing_token_is_refused() {
     let resource = format!("order:{order_id}");
 
     let old = short.acquire(&resource).await.unwrap();
-    let mut tx = env.dbs.orders.begin().await.unwrap();
+    let mut tx = env.dbs.orders[0].begin().await.unwrap();
     store
         .insert(&mut tx, Uuid::now_v7(), &payload(order_id), old.fence)
         .await
@@ -126,7 +126,7 @@ async fn a_write_with_a_stale_fencing_token_is_refused() {
         "an expired holder cannot extend"
     );
     assert!(short.extend(&new, Duration::from_secs(5)).await.unwrap());
-    let mut tx = env.dbs.orders.begin().await.unwrap();
+    let mut tx = env.dbs.orders[0].begin().await.unwrap();
     assert!(
         store
             .set_status(&mut tx, order_id, "CANCELLED", new.fence)
@@ -136,14 +136,14 @@ async fn a_write_with_a_stale_fencing_token_is_refused() {
     tx.commit().await.unwrap();
 
     // The old holder wakes up and writes with its old token: refused.
-    let mut tx = env.dbs.orders.begin().await.unwrap();
+    let mut tx = env.dbs.orders[0].begin().await.unwrap();
     let stale = store.set_status(&mut tx, order_id, "APPROVED", old.fence).await;
     assert!(
         matches!(stale, Err(HandlerError::StaleFence { given, stored }) if given == old.fence && stored == new.fence),
         "{stale:?}"
     );
     drop(tx);
-    let (status, fence) = store.status(&env.dbs.orders, order_id).await.unwrap().unwrap();
+    let (status, fence) = store.status(&env.dbs.orders[0], order_id).await.unwrap().unwrap();
     assert_eq!((status.as_str(), fence), ("CANCELLED", new.fence));
     env.stop().await;
 }

@@ -41,7 +41,7 @@ async fn happy_path_approves_charges_once_and_reserves_stock() {
         ["create_order", "charge_payment", "reserve_stock", "approve_order"]
     );
     let row = skald_participants::order::OrderStore { shards: env.dbs.shards }
-        .status(&env.dbs.orders, order_id)
+        .status(env.dbs.orders_of(order_id), order_id)
         .await
         .unwrap()
         .expect("order row in its shard");
@@ -112,5 +112,59 @@ async fn out_of_stock_after_payment_refunds_and_cancels() {
     );
     let report = env.verify().await;
     assert!(report.ok(), "{:?}", report.violations);
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn order_shards_spread_over_two_databases_keep_every_guarantee() {
+    let mut env = TestEnv::start(Setup {
+        order_shards: 6,
+        order_databases: 2,
+        ..Setup::default()
+    })
+    .await;
+    env.seed(&[("kim", 100_000), ("lou", 10)], &[("sku-1", 100), ("rare", 0)])
+        .await;
+    let mut placed = Vec::new();
+    for i in 0..24 {
+        let body = match i % 4 {
+            0 => order("lou", &[("sku-1", 1, 100)]),
+            1 => order("kim", &[("rare", 1, 100)]),
+            _ => order("kim", &[("sku-1", 1, 100)]),
+        };
+        placed.push(env.place_order(&body).await.0);
+    }
+    let store = skald_participants::order::OrderStore { shards: env.dbs.shards };
+    let mut per_database = [0; 2];
+    for order_id in placed {
+        let status = env.wait_for_order(order_id, WITHIN).await["status"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let index = env.dbs.shards.database_of(order_id);
+        per_database[index] += 1;
+        let row = store
+            .status(&env.dbs.orders[index], order_id)
+            .await
+            .unwrap()
+            .expect("row in its database");
+        assert_eq!(row.0, status);
+        // Its shard table does not exist in the other database at all.
+        let table = env.dbs.shards.table(order_id);
+        let elsewhere: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
+            .bind(&table)
+            .fetch_one(&env.dbs.orders[1 - index])
+            .await
+            .unwrap();
+        assert_eq!(elsewhere, None, "{table} exists in both databases");
+    }
+    assert!(
+        per_database.iter().all(|&n| n > 0),
+        "both databases used: {per_database:?}"
+    );
+    let report = env.verify().await;
+    assert!(report.ok(), "{:?}", report.violations);
+    assert_eq!(report.orders_by_status.get("APPROVED").copied(), Some(12));
+    assert_eq!(report.orders_by_status.get("CANCELLED").copied(), Some(12));
     env.stop().await;
 }

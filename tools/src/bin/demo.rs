@@ -265,7 +265,10 @@ async fn drive(
             ExitCode::FAILURE
         }
     };
-    for pool in [&dbs.coordinator, &dbs.orders, &dbs.payments, &dbs.inventory] {
+    for pool in [&dbs.coordinator, &dbs.payments, &dbs.inventory]
+        .into_iter()
+        .chain(&dbs.orders)
+    {
         pool.close().await;
     }
     Ok(code)
@@ -278,11 +281,14 @@ async fn connect(db: &DbConfig) -> anyhow::Result<Databases> {
             .await
             .with_context(|| format!("{what} database"))
     };
-    let (orders, payments, inventory) = tokio::try_join!(
-        migrated(db.orders_database_url.clone(), &ORDERS_MIGRATOR, "orders"),
+    let (payments, inventory) = tokio::try_join!(
         migrated(db.payments_database_url.clone(), &PAYMENTS_MIGRATOR, "payments"),
         migrated(db.inventory_database_url.clone(), &INVENTORY_MIGRATOR, "inventory"),
     )?;
+    let mut orders = Vec::new();
+    for url in db.order_urls() {
+        orders.push(migrated(url, &ORDERS_MIGRATOR, "orders").await?);
+    }
     let coordinator = skald_wire::db::lazy_pool(&db.database_url, 4).context("coordinator database")?;
     sqlx::query("SELECT 1 FROM sagas LIMIT 1")
         .execute(&coordinator)
@@ -625,6 +631,7 @@ impl Local {
         config.database_url = db.database_url.clone();
         let mut pconfig = skald_participants::app::Config::local();
         pconfig.orders_database_url = db.orders_database_url.clone();
+        pconfig.orders_database_urls = db.orders_database_urls.clone();
         pconfig.payments_database_url = db.payments_database_url.clone();
         pconfig.inventory_database_url = db.inventory_database_url.clone();
         pconfig.order_shards = db.order_shards;

@@ -99,6 +99,8 @@ struct Outcome {
     actual: Option<Plan>,
     failure: Option<String>,
     latency: Option<Duration>,
+    /// Attempts beyond the first, over every step's action and compensation.
+    retries: usize,
 }
 
 const CURRENCY: &str = "EUR";
@@ -442,10 +444,27 @@ async fn one_order(
         (_, Some(f)) if f.starts_with("reserve_stock:") && f.contains("insufficient_stock") => Some(Plan::NoStock),
         _ => None,
     };
+    let retries = saga
+        .as_ref()
+        .and_then(|s| s.get("steps"))
+        .and_then(Value::as_array)
+        .map(|steps| {
+            let extra = |s: &Value, k: &str| {
+                s.get(k)
+                    .and_then(Value::as_array)
+                    .map_or(0, |a| a.len().saturating_sub(1))
+            };
+            steps
+                .iter()
+                .map(|s| extra(s, "attempts") + extra(s, "compensations"))
+                .sum()
+        })
+        .unwrap_or(0);
     finished.result = Some(Outcome {
         actual,
         failure,
         latency,
+        retries,
     });
     finished
 }
@@ -533,6 +552,7 @@ fn summarize(finished: &[Finished], refunds: i64, elapsed: Duration) -> usize {
     let mut off_plan = 0usize;
     let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
     let mut latencies: Vec<Duration> = Vec::new();
+    let mut retries = 0usize;
     for f in finished {
         *planned.entry(f.plan).or_default() += 1;
         let Some(o) = &f.result else {
@@ -552,6 +572,7 @@ fn summarize(finished: &[Finished], refunds: i64, elapsed: Duration) -> usize {
                 .or_default() += 1;
         }
         latencies.extend(o.latency);
+        retries += o.retries;
     }
     latencies.sort();
     let done = finished.len() - unfinished;
@@ -581,6 +602,7 @@ fn summarize(finished: &[Finished], refunds: i64, elapsed: Duration) -> usize {
     }
     outln!();
     outln!("  {:<w$}{}", "refunds (payments REFUNDED)", refunds);
+    outln!("  {:<w$}{}", "retries (attempts after the first)", retries);
     match (percentile(&latencies, 50.0), percentile(&latencies, 99.0)) {
         (Some(p50), Some(p99)) => outln!(
             "  {:<w$}{} / {} / {} (max)",

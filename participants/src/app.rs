@@ -131,17 +131,7 @@ impl Config {
 
     /// The orders databases, in shard-map order.
     pub fn order_database_urls(&self) -> Vec<String> {
-        let listed: Vec<String> = self
-            .orders_database_urls
-            .iter()
-            .map(|u| u.trim().to_owned())
-            .filter(|u| !u.is_empty())
-            .collect();
-        if listed.is_empty() {
-            vec![self.orders_database_url.clone()]
-        } else {
-            listed
-        }
+        order_database_urls(&self.orders_database_url, &self.orders_database_urls)
     }
 
     pub fn order_store(&self) -> anyhow::Result<OrderStore> {
@@ -234,6 +224,20 @@ impl Participant {
             Participant::Payment(r) => close_after(r.pools().to_vec(), r.run(shutdown)).await,
             Participant::Inventory(r) => close_after(r.pools().to_vec(), r.run(shutdown)).await,
         }
+    }
+}
+
+/// `ORDERS_DATABASE_URLS` if it names any database, else `ORDERS_DATABASE_URL`.
+pub fn order_database_urls(single: &str, list: &[String]) -> Vec<String> {
+    let listed: Vec<String> = list
+        .iter()
+        .map(|u| u.trim().to_owned())
+        .filter(|u| !u.is_empty())
+        .collect();
+    if listed.is_empty() {
+        vec![single.to_owned()]
+    } else {
+        listed
     }
 }
 

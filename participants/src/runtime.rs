@@ -331,13 +331,7 @@ impl<H: Handler> Runtime<H> {
                 // Not even the retryable reply could be stored: let the broker redeliver.
                 tracing::warn!(error = %e, "command failed and no reply could be stored; requeueing");
                 tokio::time::sleep(Duration::from_millis(200)).await;
-                let _ = delivery
-                    .acker
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        multiple: false,
-                    })
-                    .await;
+                requeue(&delivery).await;
             }
             Err(e) => self.reject(&delivery, dead_letters, queue, &e.to_string()).await,
         }
@@ -350,13 +344,7 @@ impl<H: Handler> Runtime<H> {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot dead-letter; requeueing");
-                let _ = delivery
-                    .acker
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        multiple: false,
-                    })
-                    .await;
+                requeue(delivery).await;
             }
         }
     }
@@ -494,6 +482,17 @@ impl<H: Handler> Runtime<H> {
         tx.commit().await?;
         self.config.faults.crash("crash_after_commit");
         Ok(Processed::Executed(reply))
+    }
+}
+
+/// Hands a delivery back to the broker for another try.
+async fn requeue(delivery: &Delivery) {
+    let requeue = BasicNackOptions {
+        requeue: true,
+        multiple: false,
+    };
+    if let Err(e) = delivery.acker.nack(requeue).await {
+        tracing::warn!(error = %e, "nack failed; the broker redelivers when the channel closes");
     }
 }
 

@@ -222,17 +222,7 @@ pub struct DbConfig {
 impl DbConfig {
     /// The orders databases, in shard-map order.
     pub fn order_urls(&self) -> Vec<String> {
-        let listed: Vec<String> = self
-            .orders_database_urls
-            .iter()
-            .map(|u| u.trim().to_owned())
-            .filter(|u| !u.is_empty())
-            .collect();
-        if listed.is_empty() {
-            vec![self.orders_database_url.clone()]
-        } else {
-            listed
-        }
+        skald_participants::app::order_database_urls(&self.orders_database_url, &self.orders_database_urls)
     }
 
     /// Pools to the existing databases (nothing is created or migrated).

@@ -35,6 +35,8 @@ pub struct Setup {
     pub order_shards: u32,
     /// Orders databases the shards are spread over.
     pub order_databases: u32,
+    /// Quorum queues with a delivery limit (as for a RabbitMQ cluster).
+    pub quorum_queues: bool,
 }
 
 impl Default for Setup {
@@ -47,6 +49,7 @@ impl Default for Setup {
             compensation_max_failures: 10,
             order_shards: 4,
             order_databases: 1,
+            quorum_queues: false,
         }
     }
 }
@@ -99,6 +102,7 @@ pub fn rabbitmqctl(args: &[&str]) {
 
 pub struct TestEnv {
     pub names: Names,
+    pub topology: skald_wire::amqp::Topology,
     pub base_url: String,
     pub http: reqwest::Client,
     pub participant_config: ParticipantConfig,
@@ -125,7 +129,16 @@ impl TestEnv {
         })
         .await
         .expect("vhost set-up");
+        let topology = if setup.quorum_queues {
+            skald_wire::amqp::Topology {
+                queue_type: skald_wire::amqp::QueueType::Quorum,
+                delivery_limit: Some(5),
+            }
+        } else {
+            skald_wire::amqp::Topology::default()
+        };
         let mut env = Self {
+            topology: topology.clone(),
             base_url: String::new(),
             http: reqwest::Client::new(),
             participant_config: participant_config(&names, setup.order_shards, setup.order_databases),
@@ -135,6 +148,10 @@ impl TestEnv {
             shutdown: CancellationToken::new(),
             tasks: Vec::new(),
         };
+        env.coordinator_config.queue_type = topology.queue_type;
+        env.coordinator_config.delivery_limit = topology.delivery_limit;
+        env.participant_config.queue_type = topology.queue_type;
+        env.participant_config.delivery_limit = topology.delivery_limit;
         // Every database is created and migrated, whatever runs.
         let c = &env.participant_config;
         let mut dbs: Vec<(String, &'static sqlx::migrate::Migrator)> = vec![
@@ -334,7 +351,7 @@ impl TestEnv {
         ch.confirm_select(ConfirmSelectOptions::default())
             .await
             .expect("confirms");
-        skald_wire::amqp::Topology::default()
+        self.topology
             .declare(&ch, &["order", "payment", "inventory"])
             .await
             .expect("topology");

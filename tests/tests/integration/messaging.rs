@@ -210,3 +210,53 @@ async fn an_operator_lists_dead_letters_without_consuming_them_and_replays_one()
     assert!(skald_tools::dlq::replay(&url, &message_id.to_string()).await.is_err());
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_for_an_unknown_saga_or_step_are_dead_lettered_by_the_coordinator() {
+    let mut env = TestEnv::start(Setup {
+        participants: vec![],
+        ..Setup::default()
+    })
+    .await;
+    let (_conn, ch) = env.amqp().await;
+    let reply = |saga_id: Uuid, step: &str| {
+        json!({"saga_id": saga_id, "step": step, "attempt": 1, "kind": "action",
+               "outcome": "success", "retryable": false, "reason": null, "data": {}})
+        .to_string()
+        .into_bytes()
+    };
+    let replies = skald_wire::contract::REPLIES_EXCHANGE;
+    publish_raw(
+        &ch,
+        replies,
+        "coordinator",
+        "ActionSucceeded",
+        &reply(Uuid::now_v7(), "create_order"),
+    )
+    .await;
+    publish_raw(&ch, replies, "coordinator", "ActionSucceeded", b"{not json").await;
+    // A real saga, but a step its definition does not have.
+    env.seed(&[("kate", 100)], &[]).await;
+    let (_, saga_id) = env.place_order(&skald_tests::order("kate", &[("s", 1, 1)])).await;
+    publish_raw(
+        &ch,
+        replies,
+        "coordinator",
+        "ActionSucceeded",
+        &reply(saga_id, "teleport"),
+    )
+    .await;
+
+    let dead = take_messages(&ch, DEAD_LETTER_QUEUE, 3, WITHIN).await;
+    let mut reasons: Vec<String> = dead
+        .iter()
+        .map(|(_, h)| header(h, HEADER_REASON).unwrap_or_default())
+        .collect();
+    reasons.sort();
+    assert!(reasons[0].contains("has no step \"teleport\""), "{reasons:?}");
+    assert!(reasons[1].contains("undecodable reply"), "{reasons:?}");
+    assert!(reasons[2].contains("unknown saga"), "{reasons:?}");
+    // The saga itself is untouched: still waiting on its first step.
+    assert_eq!(env.saga(saga_id).await["status"], "RUNNING");
+    env.stop().await;
+}

@@ -168,3 +168,37 @@ async fn order_shards_spread_over_two_databases_keep_every_guarantee() {
     assert_eq!(report.orders_by_status.get("CANCELLED").copied(), Some(12));
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sagas_run_over_quorum_queues_with_a_delivery_limit() {
+    let mut env = TestEnv::start(Setup {
+        quorum_queues: true,
+        ..Setup::default()
+    })
+    .await;
+    env.seed(&[("mia", 1_000)], &[("sku-1", 1)]).await;
+    let (ok, _) = env.place_order(&order("mia", &[("sku-1", 1, 100)])).await;
+    let (refunded, _) = env.place_order(&order("mia", &[("sku-1", 1, 100)])).await;
+    assert_eq!(env.wait_for_order(ok, WITHIN).await["status"], "APPROVED");
+    assert_eq!(env.wait_for_order(refunded, WITHIN).await["status"], "CANCELLED");
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "list_queues", "-p", &env.names.id, "name", "type", "arguments"])
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&out.stdout);
+    for q in [
+        "skald.order.commands",
+        "skald.payment.commands",
+        "skald.coordinator.replies",
+    ] {
+        let line = listing
+            .lines()
+            .find(|l| l.starts_with(q))
+            .unwrap_or_else(|| panic!("{q} in {listing}"));
+        assert!(line.contains("quorum"), "{line}");
+        assert!(line.contains("x-delivery-limit"), "{line}");
+    }
+    let report = env.verify().await;
+    assert!(report.ok(), "{:?}", report.violations);
+    env.stop().await;
+}

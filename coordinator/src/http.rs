@@ -6,13 +6,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use futures::StreamExt;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use skald_engine::{Event, SagaStatus};
@@ -119,7 +119,7 @@ impl IntoResponse for ApiError {
 pub fn router(state: ApiState) -> Router {
     let body_limit = state.body_limit;
     Router::new()
-        .route("/v1/orders", post(create_order))
+        .route("/v1/orders", post(create_order).layer(DefaultBodyLimit::disable()))
         .route("/v1/orders/{id}", get(get_order))
         .route("/v1/sagas", get(list_sagas))
         .route("/v1/sagas/{id}", get(get_saga))
@@ -137,15 +137,8 @@ fn parse_id(raw: &str, what: &str) -> Result<Uuid, ApiError> {
 }
 
 #[tracing::instrument(skip_all)]
-async fn create_order(
-    State(state): State<ApiState>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let body = body.map_err(|e| match e.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge(state.body_limit),
-        _ => ApiError::BadRequest(e.body_text()),
-    })?;
+async fn create_order(State(state): State<ApiState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    let body = read_limited(body, state.body_limit).await?;
     if let Some(ct) = headers.get(header::CONTENT_TYPE) {
         let ct = ct.to_str().unwrap_or_default();
         if !ct.starts_with("application/json") {
@@ -174,6 +167,30 @@ async fn create_order(
         Json(json!({"order_id": ids.order_id, "saga_id": ids.saga_id, "status": "PENDING"})),
     )
         .into_response())
+}
+
+/// Reads a request body of at most `limit` bytes. A larger one is read to
+/// its end (up to 16 times the limit) and discarded before the 413, so that
+/// the client, still sending, gets the JSON error instead of a reset
+/// connection; past that, the connection is dropped.
+async fn read_limited(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    let drain_cap = limit.saturating_mul(16);
+    let mut stream = body.into_data_stream();
+    let mut kept = Vec::new();
+    let mut total = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("cannot read the request body: {e}")))?;
+        total = total.saturating_add(chunk.len());
+        if total <= limit {
+            kept.extend_from_slice(&chunk);
+        } else if total > drain_cap {
+            break;
+        }
+    }
+    if total > limit {
+        return Err(ApiError::TooLarge(limit));
+    }
+    Ok(Bytes::from(kept))
 }
 
 fn order_status(s: SagaStatus) -> &'static str {

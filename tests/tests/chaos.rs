@@ -19,7 +19,7 @@ use futures::StreamExt;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
-use skald_tests::{Names, PG, REDIS, order, rabbitmqctl};
+use skald_tests::{Names, REDIS, order, rabbitmqctl};
 use tokio::process::{Child, Command};
 use tokio::sync::Mutex;
 
@@ -571,6 +571,5 @@ impl Drop for Cleanup {
             skald_tests::cleanup(&names)
         })
         .join();
-        let _ = PG;
     }
 }

@@ -162,7 +162,7 @@ async fn an_undecodable_command_is_dead_lettered_and_the_participant_keeps_servi
 async fn an_operator_lists_dead_letters_without_consuming_them_and_replays_one() {
     let mut env = TestEnv::start(Setup::only(Which::Payment)).await;
     env.seed(&[("jack", 1_000)], &[]).await;
-    let (_conn, ch) = env.amqp().await;
+    let (conn, ch) = env.amqp().await;
     // A good command that was dead-lettered earlier (say, while a bug was being fixed).
     let order_id = Uuid::now_v7();
     let body = command(Uuid::now_v7(), order_id, 1, "action", "jack", 125);
@@ -172,7 +172,7 @@ async fn an_operator_lists_dead_letters_without_consuming_them_and_replays_one()
     headers.insert("x-skald-original-exchange".to_owned(), COMMANDS_EXCHANGE.to_owned());
     headers.insert("x-skald-original-routing-key".to_owned(), "payment".to_owned());
     headers.insert("x-skald-original-queue".to_owned(), "skald.payment.commands".to_owned());
-    let publisher = skald_wire::amqp::Publisher::open(&_conn).await.unwrap();
+    let publisher = skald_wire::amqp::Publisher::open(&conn).await.unwrap();
     publisher
         .publish_all(&[skald_wire::amqp::OutgoingMessage {
             message_id,

@@ -177,9 +177,10 @@ async fn sagas_run_over_quorum_queues_with_a_delivery_limit() {
     })
     .await;
     env.seed(&[("mia", 1_000)], &[("sku-1", 1)]).await;
+    // One unit of stock: the first order takes it, the second is refunded.
     let (ok, _) = env.place_order(&order("mia", &[("sku-1", 1, 100)])).await;
-    let (refunded, _) = env.place_order(&order("mia", &[("sku-1", 1, 100)])).await;
     assert_eq!(env.wait_for_order(ok, WITHIN).await["status"], "APPROVED");
+    let (refunded, _) = env.place_order(&order("mia", &[("sku-1", 1, 100)])).await;
     assert_eq!(env.wait_for_order(refunded, WITHIN).await["status"], "CANCELLED");
     let out = std::process::Command::new("rabbitmqctl")
         .args(["-q", "list_queues", "-p", &env.names.id, "name", "type", "arguments"])

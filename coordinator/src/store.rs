@@ -156,36 +156,6 @@ impl Store {
             order_id: Uuid::now_v7(),
             saga_id: Uuid::now_v7(),
         };
-        let mut tx = self.pool.begin().await?;
-        if let Some(key) = key {
-            // The unique key is the lock: a concurrent request with the same key waits here.
-            let inserted = sqlx::query(
-                "INSERT INTO idempotency_keys (key, request_hash, order_id, saga_id) VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (key) DO NOTHING",
-            )
-            .bind(key.as_str())
-            .bind(request_hash)
-            .bind(ids.order_id)
-            .bind(ids.saga_id)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if inserted == 0 {
-                let row = sqlx::query("SELECT request_hash, order_id, saga_id FROM idempotency_keys WHERE key = $1")
-                    .bind(key.as_str())
-                    .fetch_one(&mut *tx)
-                    .await?;
-                tx.rollback().await?;
-                let stored: String = row.try_get("request_hash")?;
-                if stored != request_hash {
-                    return Err(Error::IdempotencyConflict(key.as_str().to_owned()));
-                }
-                return Ok(Created::Replayed(OrderRef {
-                    order_id: row.try_get("order_id")?,
-                    saga_id: row.try_get("saga_id")?,
-                }));
-            }
-        }
         let payload = json!({
             "order_id": ids.order_id,
             "customer_id": order.customer_id,
@@ -195,39 +165,67 @@ impl Store {
         });
         let ctx = ctx();
         let t = skald_engine::start(&def, ctx);
-        sqlx::query(
-            "INSERT INTO sagas (id, saga_type, status, state, payload, wake_at, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $7)",
-        )
-        .bind(ids.saga_id)
-        .bind(def.name())
-        .bind(t.state.status.as_str())
-        .bind(serde_json::to_value(&t.state)?)
-        .bind(&payload)
-        .bind(t.state.wake_at)
-        .bind(ctx.now)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO orders (order_id, saga_id, customer_id, currency, total_cents, items, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(ids.order_id)
-        .bind(ids.saga_id)
-        .bind(order.customer_id.as_str())
-        .bind(order.currency.as_str())
-        .bind(order.total_cents.get())
-        .bind(serde_json::to_value(&order.items)?)
-        .bind(ctx.now)
-        .execute(&mut *tx)
-        .await?;
         let messages: Vec<OutgoingMessage> = t
             .commands
             .iter()
             .map(|c| command_message(ids.saga_id, &payload, c))
             .collect();
-        skald_wire::outbox::insert(&mut tx, &messages).await?;
-        tx.commit().await?;
+        // One statement, so one implicit transaction and one round trip: the
+        // idempotency key (when given) gates the saga, the order and the
+        // first command. A concurrent request with the same key waits on the
+        // key's primary key and then inserts nothing.
+        let statement = concat!(
+            "WITH key AS (
+                 INSERT INTO idempotency_keys (key, request_hash, order_id, saga_id)
+                 SELECT $13, $14, $8, $1 WHERE $13::text IS NOT NULL
+                 ON CONFLICT (key) DO NOTHING RETURNING key),
+             go AS (SELECT 1 AS go WHERE $13::text IS NULL OR EXISTS (SELECT 1 FROM key)),
+             saga AS (
+                 INSERT INTO sagas (id, saga_type, status, state, payload, wake_at, created_at, updated_at)
+                 SELECT $1, $2, $3, $4, $5, $6, $7, $7 FROM go),
+             ord AS (
+                 INSERT INTO orders (order_id, saga_id, customer_id, currency, total_cents, items, created_at)
+                 SELECT $8, $1, $9, $10, $11, $12, $7 FROM go),
+             first_command AS (",
+            skald_wire::outbox_unnest!(15, 16, 17, 18, 19, 20, 21),
+            " WHERE EXISTS (SELECT 1 FROM go) RETURNING 1)
+             SELECT EXISTS (SELECT 1 FROM go) AS created"
+        );
+        let query = sqlx::query(statement)
+            .bind(ids.saga_id)
+            .bind(def.name())
+            .bind(t.state.status.as_str())
+            .bind(serde_json::to_value(&t.state)?)
+            .bind(&payload)
+            .bind(t.state.wake_at)
+            .bind(ctx.now)
+            .bind(ids.order_id)
+            .bind(order.customer_id.as_str())
+            .bind(order.currency.as_str())
+            .bind(order.total_cents.get())
+            .bind(serde_json::to_value(&order.items)?)
+            .bind(key.map(IdempotencyKey::as_str))
+            .bind(request_hash);
+        let created: bool = skald_wire::outbox::Columns::new(&messages)?
+            .bind(query)
+            .fetch_one(&self.pool)
+            .await?
+            .try_get("created")?;
+        if !created {
+            let key = key.ok_or_else(|| Error::Db(sqlx::Error::RowNotFound))?;
+            let row = sqlx::query("SELECT request_hash, order_id, saga_id FROM idempotency_keys WHERE key = $1")
+                .bind(key.as_str())
+                .fetch_one(&self.pool)
+                .await?;
+            let stored: String = row.try_get("request_hash")?;
+            if stored != request_hash {
+                return Err(Error::IdempotencyConflict(key.as_str().to_owned()));
+            }
+            return Ok(Created::Replayed(OrderRef {
+                order_id: row.try_get("order_id")?,
+                saga_id: row.try_get("saga_id")?,
+            }));
+        }
         self.after_commit();
         tracing::info!(saga_id = %ids.saga_id, order_id = %ids.order_id, "saga started");
         Ok(Created::New(ids))

@@ -61,11 +61,12 @@ pub struct Config {
     /// Number of order shard tables; fixed once the orders database exists.
     #[arg(long, env = "ORDER_SHARDS", default_value_t = 16)]
     pub order_shards: u32,
-    /// Commands handled at once by this process.
-    #[arg(long, env = "CONCURRENCY", default_value_t = 16)]
-    pub concurrency: usize,
+    /// Commands handled in one PostgreSQL transaction at most (a batch is
+    /// what the broker has already delivered; a lone command goes at once).
+    #[arg(long, env = "BATCH_MAX", default_value_t = 64)]
+    pub batch_max: usize,
     /// Unacknowledged commands the broker may push to this process.
-    #[arg(long, env = "PREFETCH", default_value_t = 64)]
+    #[arg(long, env = "PREFETCH", default_value_t = 256)]
     pub prefetch: u16,
     /// Time to live of an order lock.
     #[arg(long, env = "LOCK_TTL_MS", default_value_t = 5_000)]
@@ -120,7 +121,7 @@ impl Config {
                 queue_type: self.queue_type,
                 delivery_limit: self.delivery_limit,
             },
-            concurrency: self.concurrency.max(1),
+            batch_max: self.batch_max.max(1),
             prefetch: self.prefetch,
             relay_batch: 256,
             relay_poll: Duration::from_millis(200),

@@ -2,7 +2,7 @@ use clap::Parser;
 use skald_participants::app::{Cli, Participant};
 use tokio_util::sync::CancellationToken;
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() {
     skald_wire::telemetry::init("info,sqlx=warn,lapin=warn");
     let cli = Cli::parse();

@@ -22,7 +22,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions};
 use lapin::types::FieldTable;
@@ -34,7 +34,7 @@ use skald_wire::contract::{
 };
 use skald_wire::faults::Faults;
 use sqlx::{Acquire, PgConnection, PgPool, Row};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
@@ -121,8 +121,10 @@ pub trait Handler: Send + Sync + 'static {
 pub struct RuntimeConfig {
     pub amqp_url: String,
     pub topology: Topology,
-    /// Commands handled at once.
-    pub concurrency: usize,
+    /// Commands handled in one PostgreSQL transaction at most. Commands are
+    /// taken in batches of what the broker has already delivered (never
+    /// waiting for more), so a lone command is handled at once.
+    pub batch_max: usize,
     pub prefetch: u16,
     pub relay_batch: i64,
     pub relay_poll: Duration,
@@ -248,7 +250,7 @@ impl<H: Handler> Runtime<H> {
     async fn consume(&self, conn: &lapin::Connection, shutdown: &CancellationToken) -> Result<(), amqp::Error> {
         let queue = command_queue(self.handler.participant());
         let channel = amqp::consumer_channel(conn, self.config.prefetch).await?;
-        let dead_letters = Arc::new(Publisher::open(conn).await?);
+        let dead_letters = Publisher::open(conn).await?;
         let mut consumer = channel
             .basic_consume(
                 queue.as_str().into(),
@@ -257,8 +259,6 @@ impl<H: Handler> Runtime<H> {
                 FieldTable::default(),
             )
             .await?;
-        let slots = Arc::new(Semaphore::new(self.config.concurrency.max(1)));
-        let in_flight = TaskTracker::new();
         let result = loop {
             let next = tokio::select! {
                 d = consumer.next() => d,
@@ -267,24 +267,28 @@ impl<H: Handler> Runtime<H> {
                     break Ok(());
                 }
             };
-            let delivery = match next {
-                Some(Ok(d)) => d,
+            let mut batch = match next {
+                Some(Ok(d)) => vec![d],
                 Some(Err(e)) => break Err(e.into()),
                 None => break Ok(()),
             };
-            let Ok(permit) = slots.clone().acquire_owned().await else {
-                break Ok(());
-            };
-            let this = self.clone();
-            let dead_letters = dead_letters.clone();
-            let queue = queue.clone();
-            in_flight.spawn(async move {
-                this.on_delivery(delivery, &dead_letters, &queue).await;
-                drop(permit);
-            });
+            // Whatever else the broker has already delivered joins the batch.
+            let mut lost = None;
+            while batch.len() < self.config.batch_max.max(1) {
+                match consumer.next().now_or_never() {
+                    Some(Some(Ok(d))) => batch.push(d),
+                    Some(Some(Err(e))) => {
+                        lost = Some(e);
+                        break;
+                    }
+                    _ => break,
+                }
+            }
+            self.on_batch(batch, &dead_letters, &queue).await;
+            if let Some(e) = lost {
+                break Err(e.into());
+            }
         };
-        in_flight.close();
-        in_flight.wait().await;
         dead_letters.close().await;
         if channel.status().connected() {
             let _ = channel.close(200, "consumer stopping".into()).await;
@@ -292,48 +296,72 @@ impl<H: Handler> Runtime<H> {
         result
     }
 
-    #[tracing::instrument(skip_all, fields(participant = self.handler.participant(), saga_id, step, attempt, kind))]
-    async fn on_delivery(&self, delivery: Delivery, dead_letters: &Publisher, queue: &str) {
-        let message_type = delivery
-            .properties
-            .kind()
-            .as_ref()
-            .map(|k| k.as_str().to_owned())
-            .unwrap_or_default();
-        if let Some(n) = skald_wire::redelivery::exceeded(self.pool(), &delivery, self.config.max_redeliveries).await {
-            self.reject(&delivery, dead_letters, queue, &format!("redelivered {n} times"))
-                .await;
-            return;
-        }
-        let command = match serde_json::from_slice::<CommandEnvelope>(&delivery.data) {
-            Ok(c) => c,
-            Err(e) => {
-                self.reject(&delivery, dead_letters, queue, &format!("undecodable command: {e}"))
+    /// Handles a batch of deliveries: poison ones are dead-lettered, the
+    /// others go through [`Self::process_batch`]; then one `multiple` ack
+    /// settles every delivery that was not requeued or dead-lettered.
+    async fn on_batch(&self, batch: Vec<Delivery>, dead_letters: &Publisher, queue: &str) {
+        let mut items: Vec<(usize, CommandEnvelope, String)> = Vec::with_capacity(batch.len());
+        // Deliveries settled one by one (dead-lettered or requeued).
+        let mut settled = vec![false; batch.len()];
+        for (i, delivery) in batch.iter().enumerate() {
+            if let Some(n) = skald_wire::redelivery::exceeded(self.pool(), delivery, self.config.max_redeliveries).await
+            {
+                self.reject(delivery, dead_letters, queue, &format!("redelivered {n} times"))
                     .await;
-                return;
+                settled[i] = true;
+                continue;
             }
-        };
-        let span = tracing::Span::current();
-        span.record("saga_id", tracing::field::display(command.saga_id));
-        span.record("step", command.step.as_str());
-        span.record("attempt", command.attempt);
-        span.record("kind", command.kind.as_str());
-        self.config.faults.delay().await;
-        match self.process(&command, &message_type).await {
-            Ok(outcome) => {
-                tracing::debug!(?outcome, "command processed");
-                self.config.faults.crash("crash_before_ack");
-                if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
-                    tracing::warn!(error = %e, "ack failed; the command will be redelivered and replayed");
+            match serde_json::from_slice::<CommandEnvelope>(&delivery.data) {
+                Ok(command) => {
+                    let message_type = delivery
+                        .properties
+                        .kind()
+                        .as_ref()
+                        .map(|k| k.as_str().to_owned())
+                        .unwrap_or_default();
+                    items.push((i, command, message_type));
+                }
+                Err(e) => {
+                    self.reject(delivery, dead_letters, queue, &format!("undecodable command: {e}"))
+                        .await;
+                    settled[i] = true;
                 }
             }
-            Err(e) if e.is_transient() => {
-                // Not even the retryable reply could be stored: let the broker redeliver.
-                tracing::warn!(error = %e, "command failed and no reply could be stored; requeueing");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                requeue(&delivery).await;
+        }
+        self.config.faults.delay().await;
+        let commands: Vec<(&CommandEnvelope, &str)> = items.iter().map(|(_, c, t)| (c, t.as_str())).collect();
+        let outcomes = self.process_batch(&commands).await;
+        let mut requeue_pause = false;
+        for ((i, command, _), outcome) in items.iter().zip(outcomes) {
+            let delivery = &batch[*i];
+            match outcome {
+                Ok(outcome) => {
+                    tracing::debug!(saga_id = %command.saga_id, step = command.step.as_str(),
+                        attempt = command.attempt, kind = command.kind.as_str(), ?outcome, "command processed");
+                }
+                Err(e) if e.is_transient() => {
+                    // Not even the retryable reply could be stored: let the broker redeliver.
+                    tracing::warn!(saga_id = %command.saga_id, step = command.step.as_str(), error = %e,
+                        "command failed and no reply could be stored; requeueing");
+                    if !requeue_pause {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        requeue_pause = true;
+                    }
+                    requeue(delivery).await;
+                    settled[*i] = true;
+                }
+                Err(e) => {
+                    self.reject(delivery, dead_letters, queue, &e.to_string()).await;
+                    settled[*i] = true;
+                }
             }
-            Err(e) => self.reject(&delivery, dead_letters, queue, &e.to_string()).await,
+        }
+        self.config.faults.crash("crash_before_ack");
+        // Acks every unsettled delivery up to the last one at once.
+        if let Some(last) = batch.iter().zip(&settled).rev().find(|(_, s)| !**s).map(|(d, _)| d)
+            && let Err(e) = last.acker.ack(BasicAckOptions { multiple: true }).await
+        {
+            tracing::warn!(error = %e, "ack failed; the commands will be redelivered and replayed");
         }
     }
 
@@ -353,10 +381,7 @@ impl<H: Handler> Runtime<H> {
     /// reply in the outbox. Returns an error only when nothing could be
     /// stored (then the command must be redelivered) or the message is bad.
     pub async fn process(&self, command: &CommandEnvelope, message_type: &str) -> Result<Processed, HandlerError> {
-        let pool = self
-            .pools
-            .get(self.handler.partition(command)?)
-            .ok_or_else(|| HandlerError::BadPayload("partition out of range".to_owned()))?;
+        let pool = self.pool_for(command)?;
         let guard = match self.lock_for(command).await {
             Ok(g) => g,
             Err(e) if e.is_transient() => return self.retryable(pool, command, &e).await,
@@ -365,12 +390,7 @@ impl<H: Handler> Runtime<H> {
         let result = self
             .execute(pool, command, message_type, guard.as_ref().map(|g| g.fence))
             .await;
-        if let (Some(locks), Some(guard)) = (&self.locks, &guard) {
-            // After the commit. If this fails the lock expires by itself.
-            if let Err(e) = locks.release(guard).await {
-                tracing::warn!(error = %e, "lock release failed; it will expire");
-            }
-        }
+        self.release(guard.iter()).await;
         match result {
             Ok(p) => {
                 self.relay_wake.notify_one();
@@ -379,6 +399,152 @@ impl<H: Handler> Runtime<H> {
             Err(e) if e.is_transient() => self.retryable(pool, command, &e).await,
             Err(e) => Err(e),
         }
+    }
+
+    /// Runs many commands, a transaction per database for all of them
+    /// (each command in a savepoint, so one command's failure undoes only
+    /// its own changes). Same outcomes, one per command and in order, as
+    /// [`Self::process`] on each; if a batch transaction itself fails, its
+    /// commands are run again one by one.
+    pub async fn process_batch(&self, commands: &[(&CommandEnvelope, &str)]) -> Vec<Result<Processed, HandlerError>> {
+        let mut outcomes: Vec<Option<Result<Processed, HandlerError>>> = (0..commands.len()).map(|_| None).collect();
+        // Which database each command runs in; the same lock resource twice
+        // in one transaction would wait for itself, so a repeat waits for the
+        // next round.
+        let mut rounds: Vec<Vec<(usize, Option<String>)>> = Vec::new();
+        let mut parts: Vec<usize> = Vec::with_capacity(commands.len());
+        for (i, (command, _)) in commands.iter().enumerate() {
+            let placed = self
+                .partition_of(command)
+                .and_then(|p| Ok((p, self.handler.lock_resource(command)?)));
+            let (part, resource) = match placed {
+                Ok(placed) => placed,
+                Err(e) => {
+                    parts.push(0);
+                    outcomes[i] = Some(Err(e));
+                    continue;
+                }
+            };
+            parts.push(part);
+            let round = rounds
+                .iter()
+                .position(|r| resource.is_none() || r.iter().all(|(_, other)| other.as_ref() != resource.as_ref()))
+                .unwrap_or(rounds.len());
+            if round == rounds.len() {
+                rounds.push(Vec::new());
+            }
+            rounds[round].push((i, resource));
+        }
+        for round in rounds {
+            let mut by_pool: Vec<Vec<usize>> = vec![Vec::new(); self.pools.len()];
+            for (i, _) in &round {
+                by_pool[parts[*i]].push(*i);
+            }
+            for (p, members) in by_pool.into_iter().enumerate() {
+                if members.is_empty() {
+                    continue;
+                }
+                let batch: Vec<(&CommandEnvelope, &str)> = members.iter().map(|&i| commands[i]).collect();
+                let results = self.run_round(&self.pools[p], &batch).await;
+                for (i, r) in members.into_iter().zip(results) {
+                    outcomes[i] = Some(r);
+                }
+            }
+        }
+        outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or_else(|| Err(HandlerError::BadPayload("command was not processed".to_owned()))))
+            .collect()
+    }
+
+    /// One transaction in one database for commands with distinct lock resources.
+    async fn run_round(
+        &self,
+        pool: &PgPool,
+        batch: &[(&CommandEnvelope, &str)],
+    ) -> Vec<Result<Processed, HandlerError>> {
+        if let [(command, message_type)] = batch {
+            return vec![self.process(command, message_type).await];
+        }
+        let guards = futures::future::join_all(batch.iter().map(|(c, _)| self.lock_for(c))).await;
+        let held: Vec<&LockGuard> = guards
+            .iter()
+            .filter_map(|g| g.as_ref().ok().and_then(Option::as_ref))
+            .collect();
+        let result = self.execute_batch(pool, batch, &guards).await;
+        self.release(held.into_iter()).await;
+        match result {
+            Ok(outcomes) => {
+                self.relay_wake.notify_one();
+                outcomes
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, commands = batch.len(), "batch transaction failed; processing its commands one by one");
+                let mut outcomes = Vec::with_capacity(batch.len());
+                for (command, message_type) in batch {
+                    outcomes.push(self.process(command, message_type).await);
+                }
+                outcomes
+            }
+        }
+    }
+
+    /// The batch transaction. `Err` means the transaction failed as a whole
+    /// (nothing was committed); per-command failures are in the `Ok` vector.
+    async fn execute_batch(
+        &self,
+        pool: &PgPool,
+        batch: &[(&CommandEnvelope, &str)],
+        guards: &[Result<Option<LockGuard>, HandlerError>],
+    ) -> Result<Vec<Result<Processed, HandlerError>>, HandlerError> {
+        let mut tx = pool.begin().await?;
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let mut replies = Vec::with_capacity(batch.len());
+        for ((command, message_type), guard) in batch.iter().zip(guards) {
+            let fence = match guard {
+                Ok(g) => g.as_ref().map(|g| g.fence),
+                Err(e) if e.is_transient() => {
+                    let reply = self.retryable_reply(command, e);
+                    replies.push(reply_message(&reply));
+                    outcomes.push(Ok(Processed::Retryable(reply)));
+                    continue;
+                }
+                Err(e) => {
+                    outcomes.push(Err(HandlerError::BadPayload(e.to_string())));
+                    continue;
+                }
+            };
+            match self.execute_in(&mut tx, command, message_type, fence).await {
+                Ok(p) => {
+                    replies.push(reply_message(p.reply()));
+                    outcomes.push(Ok(p));
+                }
+                Err(e) if e.is_transient() => {
+                    let reply = self.retryable_reply(command, &e);
+                    replies.push(reply_message(&reply));
+                    outcomes.push(Ok(Processed::Retryable(reply)));
+                }
+                Err(e) => outcomes.push(Err(e)),
+            }
+        }
+        skald_wire::outbox::insert(&mut tx, &replies).await?;
+        self.config.faults.crash("crash_before_commit");
+        tx.commit().await?;
+        self.config.faults.crash("crash_after_commit");
+        Ok(outcomes)
+    }
+
+    fn partition_of(&self, command: &CommandEnvelope) -> Result<usize, HandlerError> {
+        let p = self.handler.partition(command)?;
+        if p < self.pools.len() {
+            Ok(p)
+        } else {
+            Err(HandlerError::BadPayload("partition out of range".to_owned()))
+        }
+    }
+
+    fn pool_for(&self, command: &CommandEnvelope) -> Result<&PgPool, HandlerError> {
+        Ok(&self.pools[self.partition_of(command)?])
     }
 
     async fn lock_for(&self, command: &CommandEnvelope) -> Result<Option<LockGuard>, HandlerError> {
@@ -391,6 +557,22 @@ impl<H: Handler> Runtime<H> {
         Ok(Some(locks.acquire(&resource).await?))
     }
 
+    /// Releases locks after the commit. If a release fails the lock expires by itself.
+    async fn release<'g>(&self, guards: impl Iterator<Item = &'g LockGuard>) {
+        let Some(locks) = &self.locks else { return };
+        for result in futures::future::join_all(guards.map(|g| locks.release(g))).await {
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "lock release failed; it will expire");
+            }
+        }
+    }
+
+    fn retryable_reply(&self, command: &CommandEnvelope, error: &HandlerError) -> ReplyEnvelope {
+        tracing::info!(saga_id = %command.saga_id, step = command.step.as_str(), error = %error,
+            "transient failure; the coordinator will retry");
+        ReplyEnvelope::failure(command, true, error.to_string())
+    }
+
     /// Stores a `retryable` failure reply (nothing else changed).
     async fn retryable(
         &self,
@@ -398,8 +580,7 @@ impl<H: Handler> Runtime<H> {
         command: &CommandEnvelope,
         error: &HandlerError,
     ) -> Result<Processed, HandlerError> {
-        tracing::info!(error = %error, "transient failure; the coordinator will retry");
-        let reply = ReplyEnvelope::failure(command, true, error.to_string());
+        let reply = self.retryable_reply(command, error);
         let mut tx = pool.begin().await?;
         skald_wire::outbox::insert(&mut tx, &[reply_message(&reply)]).await?;
         tx.commit().await?;
@@ -415,19 +596,105 @@ impl<H: Handler> Runtime<H> {
         fence: Option<i64>,
     ) -> Result<Processed, HandlerError> {
         let mut tx = pool.begin().await?;
-        let fresh = claim(&mut tx, command, message_type, command.kind, false, None).await?;
-        if !fresh {
-            let stored = stored_reply(&mut tx, command, command.kind).await?;
-            let reply = ReplyEnvelope {
-                attempt: command.attempt,
-                ..stored
-            };
-            skald_wire::outbox::insert(&mut tx, &[reply_message(&reply)]).await?;
-            tx.commit().await?;
-            return Ok(Processed::Replayed(reply));
-        }
+        let processed = self.execute_in(&mut tx, command, message_type, fence).await?;
+        skald_wire::outbox::insert(&mut tx, &[reply_message(processed.reply())]).await?;
+        self.config.faults.crash("crash_before_commit");
+        tx.commit().await?;
+        self.config.faults.crash("crash_after_commit");
+        Ok(processed)
+    }
+
+    /// The barrier, the handler and the stored reply, in the caller's
+    /// transaction; the caller writes the reply to the outbox and commits.
+    /// On an error, this command's changes are rolled back (to a savepoint)
+    /// and the rest of the caller's transaction is left as it was.
+    async fn execute_in(
+        &self,
+        tx: &mut PgConnection,
+        command: &CommandEnvelope,
+        message_type: &str,
+        fence: Option<i64>,
+    ) -> Result<Processed, HandlerError> {
         if self.config.faults.transient() {
             return Err(HandlerError::Injected);
+        }
+        if command.kind == Kind::Action
+            && let Some(processed) = self.act_first(tx, command, message_type, fence).await?
+        {
+            return Ok(processed);
+        }
+        let mut savepoint = tx.begin().await?;
+        let processed = self.claim_first(&mut savepoint, command, message_type, fence).await?;
+        savepoint.commit().await?;
+        Ok(processed)
+    }
+
+    /// The fast path of an action: run the handler, then record the reply
+    /// with the inbox row in one insert. If the row already exists (a
+    /// duplicate, or a tombstone left by an earlier compensation) the insert
+    /// does nothing, the handler's changes are rolled back and the stored
+    /// reply is replayed; a concurrent duplicate waits on the primary key
+    /// until the first one commits. `None` when the handler failed: the
+    /// caller then takes the barrier first ([`Self::claim_first`]), so a
+    /// duplicate still gets its stored reply rather than an error.
+    async fn act_first(
+        &self,
+        tx: &mut PgConnection,
+        command: &CommandEnvelope,
+        message_type: &str,
+        fence: Option<i64>,
+    ) -> Result<Option<Processed>, HandlerError> {
+        let ctx = CommandContext {
+            command,
+            message_type,
+            fence,
+        };
+        let mut savepoint = tx.begin().await?;
+        match self.handler.handle(&mut savepoint, &ctx).await {
+            Ok(Handled::Success(data)) => {
+                let reply = ReplyEnvelope::success(command, data);
+                if record(&mut savepoint, command, message_type, &reply).await? {
+                    savepoint.commit().await?;
+                    return Ok(Some(Processed::Executed(reply)));
+                }
+                savepoint.rollback().await?;
+            }
+            Ok(Handled::BusinessFailure(reason)) => {
+                savepoint.rollback().await?;
+                let reply = ReplyEnvelope::failure(command, false, reason);
+                if record(tx, command, message_type, &reply).await? {
+                    return Ok(Some(Processed::Executed(reply)));
+                }
+            }
+            Err(e) => {
+                savepoint.rollback().await?;
+                tracing::debug!(error = %e, "handler failed on the fast path; taking the barrier first");
+                return Ok(None);
+            }
+        }
+        let stored = stored_reply(tx, command, command.kind).await?;
+        Ok(Some(Processed::Replayed(ReplyEnvelope {
+            attempt: command.attempt,
+            ..stored
+        })))
+    }
+
+    /// The barrier first: claim the inbox row, then run the handler (or,
+    /// for a compensation whose action never ran, leave a tombstone).
+    async fn claim_first(
+        &self,
+        tx: &mut PgConnection,
+        command: &CommandEnvelope,
+        message_type: &str,
+        fence: Option<i64>,
+    ) -> Result<Processed, HandlerError> {
+        let fresh = claim(tx, command, message_type, command.kind, false, None).await?;
+        if !fresh {
+            let stored = stored_reply(tx, command, command.kind).await?;
+            return Ok(Processed::Replayed(ReplyEnvelope {
+                attempt: command.attempt,
+                ..stored
+            }));
         }
         let run_handler = match command.kind {
             Kind::Action => true,
@@ -441,12 +708,11 @@ impl<H: Handler> Runtime<H> {
                     false,
                     TOMBSTONE_REASON,
                 );
-                let action_never_ran =
-                    claim(&mut tx, command, message_type, Kind::Action, true, Some(&tombstone)).await?;
+                let action_never_ran = claim(tx, command, message_type, Kind::Action, true, Some(&tombstone)).await?;
                 if action_never_ran {
                     false
                 } else {
-                    stored_reply(&mut tx, command, Kind::Action).await?.outcome == ReplyOutcome::Success
+                    stored_reply(tx, command, Kind::Action).await?.outcome == ReplyOutcome::Success
                 }
             }
         };
@@ -477,12 +743,19 @@ impl<H: Handler> Runtime<H> {
             .bind(serde_json::to_value(&reply)?)
             .execute(&mut *tx)
             .await?;
-        skald_wire::outbox::insert(&mut tx, &[reply_message(&reply)]).await?;
-        self.config.faults.crash("crash_before_commit");
-        tx.commit().await?;
-        self.config.faults.crash("crash_after_commit");
         Ok(Processed::Executed(reply))
     }
+}
+
+/// Inserts the inbox row of `command` with its reply; false if the row
+/// already exists (nothing is written then).
+async fn record(
+    tx: &mut PgConnection,
+    command: &CommandEnvelope,
+    message_type: &str,
+    reply: &ReplyEnvelope,
+) -> Result<bool, HandlerError> {
+    claim(tx, command, message_type, command.kind, false, Some(reply)).await
 }
 
 /// Hands a delivery back to the broker for another try.

@@ -432,7 +432,7 @@ fn participant_config(names: &Names, shards: u32, order_databases: u32) -> Parti
     c.redis_key_prefix = names.redis_prefix();
     c.order_shards = shards;
     c.db_pool_size = 3;
-    c.concurrency = 8;
+    c.batch_max = 16;
     c.startup_retries = 2;
     c
 }

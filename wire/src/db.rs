@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
 use sqlx::migrate::Migrator;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection, PgPool};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -32,7 +32,24 @@ impl Error {
 
 fn options(url: &str) -> Result<PgConnectOptions> {
     let opts = PgConnectOptions::from_str(url).map_err(|e| Error::Url(redact(&e.to_string())))?;
+    // TLS to a server on this host protects nothing and costs CPU on both
+    // sides of every statement: unless the URL asks for an `sslmode`, talk
+    // to a loopback server in the clear (elsewhere sqlx's default, `prefer`).
+    let opts = if is_loopback(opts.get_host()) && !url.contains("sslmode=") {
+        opts.ssl_mode(PgSslMode::Disable)
+    } else {
+        opts
+    };
     Ok(opts.disable_statement_logging())
+}
+
+fn is_loopback(host: &str) -> bool {
+    host == "localhost"
+        || host.starts_with('/')
+        || host
+            .trim_matches(|c| c == '[' || c == ']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Hides a password in anything that looks like a URL with credentials.
@@ -97,6 +114,10 @@ pub fn lazy_pool(url: &str, max_connections: u32) -> Result<PgPool> {
     Ok(PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(5))
+        // No ping before every checkout: a round trip per statement batch. A
+        // connection that died fails its statement instead, and every caller
+        // retries transient database errors.
+        .test_before_acquire(false)
         .connect_lazy_with(options(url)?))
 }
 
@@ -144,5 +165,28 @@ mod tests {
             "amqp://guest:***@127.0.0.1:5672/%2f"
         );
         assert_eq!(super::redact("postgres://u@h/db"), "postgres://u@h/db");
+    }
+
+    #[test]
+    fn loopback_servers_are_reached_without_tls_unless_asked() {
+        use sqlx::postgres::PgSslMode;
+        let mode = |url: &str| format!("{:?}", super::options(url).map(|o| o.get_ssl_mode()).ok());
+        assert_eq!(
+            mode("postgres://u@127.0.0.1/db"),
+            format!("{:?}", Some(PgSslMode::Disable))
+        );
+        assert_eq!(
+            mode("postgres://u@localhost/db"),
+            format!("{:?}", Some(PgSslMode::Disable))
+        );
+        assert_eq!(mode("postgres://u@[::1]/db"), format!("{:?}", Some(PgSslMode::Disable)));
+        assert_eq!(
+            mode("postgres://u@db.example/db"),
+            format!("{:?}", Some(PgSslMode::Prefer))
+        );
+        assert_eq!(
+            mode("postgres://u@127.0.0.1/db?sslmode=require"),
+            format!("{:?}", Some(PgSslMode::Require))
+        );
     }
 }

@@ -33,40 +33,91 @@ pub enum Error {
     Headers(#[from] serde_json::Error),
 }
 
+/// The outbox columns of some messages, as arrays for `UNNEST`.
+pub struct Columns {
+    ids: Vec<Uuid>,
+    exchanges: Vec<String>,
+    keys: Vec<String>,
+    types: Vec<String>,
+    correlations: Vec<Uuid>,
+    headers: Vec<serde_json::Value>,
+    bodies: Vec<Vec<u8>>,
+}
+
+/// `SELECT` of the outbox columns from the seven arrays bound at `$first..`,
+/// typed for [`Columns::bind`]; a statement appends it to `INSERT INTO outbox`.
+#[macro_export]
+macro_rules! outbox_unnest {
+    ($a:literal, $b:literal, $c:literal, $d:literal, $e:literal, $f:literal, $g:literal) => {
+        concat!(
+            "INSERT INTO outbox (message_id, exchange, routing_key, message_type, correlation_id, headers, body) ",
+            "SELECT * FROM UNNEST($",
+            $a,
+            "::uuid[], $",
+            $b,
+            "::text[], $",
+            $c,
+            "::text[], $",
+            $d,
+            "::text[], $",
+            $e,
+            "::uuid[], $",
+            $f,
+            "::jsonb[], $",
+            $g,
+            "::bytea[])"
+        )
+    };
+}
+
+impl Columns {
+    pub fn new(messages: &[OutgoingMessage]) -> Result<Self> {
+        let mut c = Columns {
+            ids: Vec::with_capacity(messages.len()),
+            exchanges: Vec::with_capacity(messages.len()),
+            keys: Vec::with_capacity(messages.len()),
+            types: Vec::with_capacity(messages.len()),
+            correlations: Vec::with_capacity(messages.len()),
+            headers: Vec::with_capacity(messages.len()),
+            bodies: Vec::with_capacity(messages.len()),
+        };
+        for m in messages {
+            c.ids.push(m.message_id);
+            c.exchanges.push(m.exchange.clone());
+            c.keys.push(m.routing_key.clone());
+            c.types.push(m.message_type.clone());
+            c.correlations.push(m.correlation_id);
+            c.headers.push(serde_json::to_value(&m.headers)?);
+            c.bodies.push(m.body.clone());
+        }
+        Ok(c)
+    }
+
+    /// Binds the seven arrays, in the order [`outbox_unnest!`] expects.
+    pub fn bind<'q>(
+        self,
+        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        query
+            .bind(self.ids)
+            .bind(self.exchanges)
+            .bind(self.keys)
+            .bind(self.types)
+            .bind(self.correlations)
+            .bind(self.headers)
+            .bind(self.bodies)
+    }
+}
+
 /// Writes `messages` to the outbox inside the caller's transaction.
 pub async fn insert(conn: &mut PgConnection, messages: &[OutgoingMessage]) -> Result<()> {
     if messages.is_empty() {
         return Ok(());
     }
-    let mut ids = Vec::with_capacity(messages.len());
-    let mut exchanges = Vec::with_capacity(messages.len());
-    let mut keys = Vec::with_capacity(messages.len());
-    let mut types = Vec::with_capacity(messages.len());
-    let mut correlations = Vec::with_capacity(messages.len());
-    let mut headers = Vec::with_capacity(messages.len());
-    let mut bodies = Vec::with_capacity(messages.len());
-    for m in messages {
-        ids.push(m.message_id);
-        exchanges.push(m.exchange.clone());
-        keys.push(m.routing_key.clone());
-        types.push(m.message_type.clone());
-        correlations.push(m.correlation_id);
-        headers.push(serde_json::to_value(&m.headers)?);
-        bodies.push(m.body.clone());
-    }
-    sqlx::query(
-        "INSERT INTO outbox (message_id, exchange, routing_key, message_type, correlation_id, headers, body)
-         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::uuid[], $6::jsonb[], $7::bytea[])",
-    )
-    .bind(ids)
-    .bind(exchanges)
-    .bind(keys)
-    .bind(types)
-    .bind(correlations)
-    .bind(headers)
-    .bind(bodies)
-    .execute(conn)
-    .await?;
+    Columns::new(messages)?
+        .bind(sqlx::query(outbox_unnest!(1, 2, 3, 4, 5, 6, 7)))
+        .execute(conn)
+        .await?;
     Ok(())
 }
 

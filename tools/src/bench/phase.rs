@@ -51,6 +51,8 @@ struct Snapshot {
     at: Instant,
     xacts: BTreeMap<String, i64>,
     cpu: Vec<Duration>,
+    /// CPU time of each PostgreSQL backend connected to our databases.
+    backends: HashMap<u32, Duration>,
     machine: MachineCpu,
 }
 
@@ -75,10 +77,24 @@ impl Env {
             .iter()
             .map(|&(name, pid)| procfs::cpu_time(pid).with_context(|| format!("{name} CPU time")))
             .collect::<anyhow::Result<Vec<_>>>()?;
+        let pids: Vec<i32> = sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE datname = ANY($1)")
+            .bind(&self.db_names)
+            .fetch_all(&self.admin)
+            .await
+            .context("reading pg_stat_activity")?;
+        // A backend may exit meanwhile: it is left out.
+        let backends = pids
+            .into_iter()
+            .filter_map(|pid| {
+                let pid = u32::try_from(pid).ok()?;
+                Some((pid, procfs::cpu_time(pid).ok()?))
+            })
+            .collect();
         Ok(Snapshot {
             at: Instant::now(),
             xacts: rows.into_iter().collect(),
             cpu,
+            backends,
             machine: MachineCpu::read()?,
         })
     }
@@ -159,24 +175,32 @@ impl Measure {
         let skald_xacts = xacts_by_db.values().sum::<i64>() - bench_xacts;
         let finished = figures.finished.max(1) as f64;
         let elapsed = end.at.duration_since(self.start.at).as_secs_f64().max(1e-9);
-        let processes = env
+        let process = |name: &str, pid: u32, cpu: Duration, m: Option<&Memory>| {
+            let cpu = cpu.as_secs_f64();
+            ProcessReport {
+                name: name.to_owned(),
+                pid,
+                cpu_secs: round3(cpu),
+                cpu_ms_per_saga: round3(cpu * 1000.0 / finished),
+                cores_busy: round3(cpu / elapsed),
+                peak_rss_mib: m.map(|m| mib(m.hwm_kib)),
+                rss_mib: m.map(|m| mib(m.rss_kib)),
+            }
+        };
+        let mut processes: Vec<ProcessReport> = env
             .children
             .iter()
             .zip(self.start.cpu.iter().zip(&end.cpu))
             .zip(&memories)
-            .map(|((&(name, pid), (a, b)), m)| {
-                let cpu = b.saturating_sub(*a).as_secs_f64();
-                ProcessReport {
-                    name: name.to_owned(),
-                    pid,
-                    cpu_secs: round3(cpu),
-                    cpu_ms_per_saga: round3(cpu * 1000.0 / finished),
-                    cores_busy: round3(cpu / elapsed),
-                    peak_rss_mib: mib(m.hwm_kib),
-                    rss_mib: mib(m.rss_kib),
-                }
-            })
+            .map(|((&(name, pid), (a, b)), m)| process(name, pid, b.saturating_sub(*a), Some(m)))
             .collect();
+        // Backends born in the phase count whole; one that exited in it is missed.
+        let backends: Duration = end
+            .backends
+            .iter()
+            .map(|(pid, t)| t.saturating_sub(self.start.backends.get(pid).copied().unwrap_or_default()))
+            .sum();
+        processes.push(process(POSTGRES_BACKENDS, 0, backends, None));
         let messages = figures.commands + figures.replies;
         let window = figures.window_secs.max(1e-9);
         Ok(PhaseReport {
@@ -270,10 +294,14 @@ pub struct ProcessReport {
     /// CPU seconds per second of the phase (1.0 = one core busy).
     pub cores_busy: f64,
     /// Peak RSS in the phase (VmHWM, reset at the phase start).
-    pub peak_rss_mib: f64,
+    pub peak_rss_mib: Option<f64>,
     /// RSS at the end of the phase.
-    pub rss_mib: f64,
+    pub rss_mib: Option<f64>,
 }
+
+/// The PostgreSQL backends connected to our four databases, as one process
+/// (the bench's own polling connection included; no RSS: shared buffers).
+pub const POSTGRES_BACKENDS: &str = "postgres (backends of our databases)";
 
 #[derive(Debug, Clone, Serialize)]
 pub struct InFlightReport {

@@ -108,12 +108,11 @@ pub async fn run(
     pb.finish_and_clear();
     let secs = started.elapsed().as_secs_f64();
     let analyzed = Instant::now();
-    for pool in [&dbs.coordinator, &dbs.payments, &dbs.inventory]
+    let analyze = [&dbs.coordinator, &dbs.payments, &dbs.inventory]
         .into_iter()
         .chain(&dbs.orders)
-    {
-        sqlx::raw_sql("ANALYZE").execute(pool).await.context("ANALYZE")?;
-    }
+        .map(|pool| async move { sqlx::raw_sql("ANALYZE").execute(pool).await.context("ANALYZE") });
+    futures::future::try_join_all(analyze).await?;
     let analyze_secs = analyzed.elapsed().as_secs_f64();
     let sizes: Vec<(String, i64)> = sqlx::query_as(
         "SELECT datname::text, pg_database_size(datname) FROM pg_database WHERE datname = ANY($1) ORDER BY 1",

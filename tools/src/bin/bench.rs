@@ -580,7 +580,7 @@ fn print_phase(r: &PhaseReport) {
     let kind = match r.kind {
         PhaseKind::ClosedLoop => "closed loop".to_owned(),
         PhaseKind::OpenLoop => format!("open loop, {:.1} orders/s posted", r.post_rate.unwrap_or(0.0)),
-        PhaseKind::InFlight => "in flight".to_owned(),
+        PhaseKind::InFlight => "posted with the participants stopped, then drained".to_owned(),
     };
     eprintln!();
     eprintln!(
@@ -616,13 +616,24 @@ fn print_phase(r: &PhaseReport) {
         r.machine_cpu_busy * 100.0
     );
     eprintln!(
-        "  {:<13}{:>10}{:>12}{:>8}{:>14}{:>10}",
+        "  {:<20}{:>9}{:>13}{:>8}{:>14}{:>10}",
         "process", "CPU s", "CPU ms/saga", "cores", "peak RSS MiB", "RSS MiB"
     );
+    let mib = |m: Option<f64>| m.map_or("-".to_owned(), |m| format!("{m:.1}"));
     for p in &r.processes {
+        let name = if p.name == phase::POSTGRES_BACKENDS {
+            "postgres backends"
+        } else {
+            &p.name
+        };
         eprintln!(
-            "  {:<13}{:>10.2}{:>12.2}{:>8.2}{:>14.1}{:>10.1}",
-            p.name, p.cpu_secs, p.cpu_ms_per_saga, p.cores_busy, p.peak_rss_mib, p.rss_mib
+            "  {:<20}{:>9.2}{:>13.2}{:>8.2}{:>14}{:>10}",
+            name,
+            p.cpu_secs,
+            p.cpu_ms_per_saga,
+            p.cores_busy,
+            mib(p.peak_rss_mib),
+            mib(p.rss_mib)
         );
     }
     if let Some(f) = &r.in_flight {

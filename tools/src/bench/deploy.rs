@@ -230,6 +230,58 @@ pub async fn versions(s: &Settings) -> (String, String, String) {
     )
 }
 
+/// Warnings for child binaries older than the sources they are built from
+/// (`cargo run --bin bench` rebuilds the bench only). Looks for the
+/// workspace two levels above the binaries (`target/release`); silent if
+/// it is not there.
+pub fn stale_binaries(s: &Settings) -> Vec<String> {
+    let Some(root) = s.bin_dir.parent().and_then(Path::parent) else {
+        return Vec::new();
+    };
+    if !root.join("Cargo.toml").is_file() {
+        return Vec::new();
+    }
+    let newest_source = ["engine", "wire", "coordinator", "participants", "migrations"]
+        .iter()
+        .filter_map(|d| newest_file(&root.join(d)))
+        .max();
+    let Some(newest_source) = newest_source else {
+        return Vec::new();
+    };
+    ["coordinator", "participant"]
+        .iter()
+        .filter_map(|b| {
+            let built = std::fs::metadata(s.bin_dir.join(b)).and_then(|m| m.modified()).ok()?;
+            (built < newest_source).then(|| {
+                format!(
+                    "{} is older than the sources in {}: run `cargo build --release -p skald-coordinator -p skald-participants` to measure the current code",
+                    s.bin_dir.join(b).display(),
+                    root.display()
+                )
+            })
+        })
+        .collect()
+}
+
+fn newest_file(dir: &Path) -> Option<std::time::SystemTime> {
+    let mut newest = None;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).ok()?.flatten() {
+            let path = entry.path();
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs" || e == "sql" || e == "toml")
+                && let Ok(m) = meta.modified()
+            {
+                newest = newest.max(Some(m));
+            }
+        }
+    }
+    newest
+}
+
 /// One child process.
 pub struct Child {
     /// `coordinator`, `order`, `payment` or `inventory`.

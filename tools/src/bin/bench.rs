@@ -375,6 +375,10 @@ async fn run(
         report.baseline = Some(b);
     }
 
+    for warning in deploy::stale_binaries(s) {
+        eprintln!("WARNING: {warning}");
+        report.notes.push(format!("WARNING: {warning}"));
+    }
     eprintln!("starting coordinator and participants from {} ...", s.bin_dir.display());
     let t = Instant::now();
     *deployment = Some(Deployment::start(s).await?);

@@ -1,6 +1,7 @@
-//! Shared by the `demo` and `sagactl` binaries: a small client of the
-//! coordinator's HTTP API, the database settings (the same environment
-//! variables as the servers), and printing of a verify report.
+//! Shared by the `demo`, `bench` and `sagactl` binaries: a small client of
+//! the coordinator's HTTP API, the database settings (the same environment
+//! variables as the servers), printing of a verify report, the order mix
+//! ([`workload`]) and the benchmark's pieces ([`bench`]).
 
 use std::fmt;
 use std::time::Duration;
@@ -22,8 +23,10 @@ macro_rules! outln {
     };
 }
 
+pub mod bench;
 #[doc(hidden)]
 pub mod dlq;
+pub mod workload;
 
 pub fn write_line(args: fmt::Arguments<'_>) {
     use std::io::Write;
@@ -258,6 +261,19 @@ pub async fn recorded_shards(orders: &[sqlx::PgPool], fallback: u32) -> anyhow::
 
 /// Prints a verify report as a small table; at most `max_violations` lines of them.
 pub fn print_report(report: &Report, max_violations: usize) {
+    for line in report_lines(report, max_violations) {
+        outln!("{line}");
+    }
+}
+
+/// A verify report as a small table; at most `max_violations` lines of them.
+pub fn report_lines(report: &Report, max_violations: usize) -> Vec<String> {
+    let mut lines = Vec::new();
+    macro_rules! outln {
+        ($($arg:tt)*) => {
+            lines.push(format!($($arg)*))
+        };
+    }
     let counts = |m: &std::collections::BTreeMap<String, i64>| {
         if m.is_empty() {
             "none".to_owned()
@@ -281,7 +297,7 @@ pub fn print_report(report: &Report, max_violations: usize) {
     );
     if report.ok() {
         outln!("  {:<14}none: every invariant holds", "violations");
-        return;
+        return lines;
     }
     outln!("  {:<14}{}", "violations", report.violations.len());
     for v in report.violations.iter().take(max_violations) {
@@ -290,4 +306,5 @@ pub fn print_report(report: &Report, max_violations: usize) {
     if report.violations.len() > max_violations {
         outln!("    ... and {} more", report.violations.len() - max_violations);
     }
+    lines
 }

@@ -19,12 +19,13 @@ use chrono::{DateTime, Utc};
 use clap::Parser;
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
+use rand::SeedableRng;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-use serde_json::{Value, json};
-use skald_participants::app::{INVENTORY_MIGRATOR, ORDERS_MIGRATOR, PAYMENTS_MIGRATOR, Participant, Which};
-use skald_participants::verify::{self, Databases};
-use skald_tools::{Api, ApiError, DbConfig, outln, print_report, recorded_shards};
+use serde_json::Value;
+use skald_participants::app::{Participant, Which};
+use skald_participants::verify;
+use skald_tools::workload::{self, Mix, Plan, PlannedOrder, ms, percentile, retry_until, sleep_until_or_stop};
+use skald_tools::{Api, DbConfig, outln, print_report};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -61,31 +62,6 @@ struct Args {
     db: DbConfig,
 }
 
-/// What an order is meant to do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Plan {
-    Approve,
-    NoBalance,
-    NoStock,
-}
-
-impl Plan {
-    const ALL: [Plan; 3] = [Plan::Approve, Plan::NoBalance, Plan::NoStock];
-    fn label(self) -> &'static str {
-        match self {
-            Plan::Approve => "approved",
-            Plan::NoBalance => "cancelled: insufficient balance (step 2)",
-            Plan::NoStock => "cancelled: out of stock, refunded (step 3)",
-        }
-    }
-}
-
-struct PlannedOrder {
-    index: usize,
-    plan: Plan,
-    body: Value,
-}
-
 /// How one order ended.
 struct Finished {
     plan: Plan,
@@ -103,7 +79,6 @@ struct Outcome {
     retries: usize,
 }
 
-const CURRENCY: &str = "EUR";
 const CUSTOMERS: usize = 16;
 const SKUS: usize = 24;
 
@@ -170,19 +145,21 @@ async fn drive(
         }
     }
     up.context("coordinator not healthy")?;
-    let dbs = connect(&args.db).await?;
+    let dbs = workload::connect_migrated(&args.db, 4).await?;
 
     // Plan the orders and seed exactly what they need.
     let run_id = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
     let seed = args.seed.unwrap_or_else(rand::random);
     let mut rng = StdRng::seed_from_u64(seed);
-    let (orders, accounts, stock) = plan(&run_id, args, &mut rng);
-    skald_participants::seed::seed_accounts(&dbs.payments, &accounts)
-        .await
-        .context("seeding accounts")?;
-    skald_participants::seed::seed_stock(&dbs.inventory, &stock)
-        .await
-        .context("seeding stock")?;
+    let mix = Mix {
+        customers: CUSTOMERS,
+        skus: SKUS,
+        fail_balance: args.fail_balance,
+        fail_stock: args.fail_stock,
+    };
+    let planned = workload::plan(&run_id, 0, args.orders, mix, &mut rng);
+    planned.seed(&dbs.payments, &dbs.inventory).await?;
+    let orders = planned.orders;
 
     outln!();
     outln!(
@@ -267,112 +244,8 @@ async fn drive(
             ExitCode::FAILURE
         }
     };
-    for pool in [&dbs.coordinator, &dbs.payments, &dbs.inventory]
-        .into_iter()
-        .chain(&dbs.orders)
-    {
-        pool.close().await;
-    }
+    workload::close(&dbs).await;
     Ok(code)
-}
-
-/// The four databases: the participants' created and migrated if missing.
-async fn connect(db: &DbConfig) -> anyhow::Result<Databases> {
-    let migrated = |url: String, migrator, what: &'static str| async move {
-        skald_wire::db::connect_and_migrate(&url, 4, migrator, 8)
-            .await
-            .with_context(|| format!("{what} database"))
-    };
-    let (payments, inventory) = tokio::try_join!(
-        migrated(db.payments_database_url.clone(), &PAYMENTS_MIGRATOR, "payments"),
-        migrated(db.inventory_database_url.clone(), &INVENTORY_MIGRATOR, "inventory"),
-    )?;
-    let mut orders = Vec::new();
-    for url in db.order_urls() {
-        orders.push(migrated(url, &ORDERS_MIGRATOR, "orders").await?);
-    }
-    let coordinator = skald_wire::db::lazy_pool(&db.database_url, 4).context("coordinator database")?;
-    sqlx::query("SELECT 1 FROM sagas LIMIT 1")
-        .execute(&coordinator)
-        .await
-        .context("coordinator database")?;
-    let shards = recorded_shards(&orders, db.order_shards).await?;
-    Ok(Databases {
-        coordinator,
-        orders,
-        payments,
-        inventory,
-        shards,
-    })
-}
-
-type Seeds = Vec<(String, i64)>;
-
-/// The orders of this run, and the balances and stock that make exactly
-/// the planned ones succeed.
-fn plan(run_id: &str, args: &Args, rng: &mut StdRng) -> (Vec<PlannedOrder>, Seeds, Seeds) {
-    let customer = |i: usize| format!("{run_id}-cust-{i:02}");
-    let sku = |i: usize| format!("{run_id}-sku-{i:02}");
-    let poor = format!("{run_id}-poor");
-    let scarce = format!("{run_id}-scarce");
-    let mut balances = vec![0i64; CUSTOMERS];
-    let mut stock = vec![0i64; SKUS];
-    let mut orders = Vec::with_capacity(args.orders);
-    for index in 0..args.orders {
-        let roll: f64 = rng.random();
-        let plan = if roll < args.fail_balance {
-            Plan::NoBalance
-        } else if roll < args.fail_balance + args.fail_stock {
-            Plan::NoStock
-        } else {
-            Plan::Approve
-        };
-        let lines = rng.random_range(1..=3usize);
-        let mut picked: Vec<usize> = Vec::with_capacity(lines);
-        while picked.len() < lines {
-            let s = rng.random_range(0..SKUS);
-            if !picked.contains(&s) {
-                picked.push(s);
-            }
-        }
-        let mut items: Vec<(String, i64, i64)> = picked
-            .iter()
-            .map(|&s| (sku(s), rng.random_range(1..=4i64), rng.random_range(1..=50i64) * 50))
-            .collect();
-        if plan == Plan::NoStock {
-            items.push((scarce.clone(), 1, 999));
-        }
-        let total: i64 = items.iter().map(|(_, q, p)| q * p).sum();
-        let who = match plan {
-            Plan::NoBalance => poor.clone(),
-            Plan::Approve | Plan::NoStock => {
-                let c = rng.random_range(0..CUSTOMERS);
-                // A refunded order is charged first: it needs the money too.
-                balances[c] += total;
-                customer(c)
-            }
-        };
-        if plan == Plan::Approve {
-            for (&s, (_, q, _)) in picked.iter().zip(&items) {
-                stock[s] += q;
-            }
-        }
-        let body = json!({
-            "customer_id": who,
-            "currency": CURRENCY,
-            "items": items.iter().map(|(s, q, p)| json!({"sku": s, "quantity": q, "unit_price_cents": p})).collect::<Vec<_>>(),
-        });
-        orders.push(PlannedOrder { index, plan, body });
-    }
-    let mut accounts: Seeds = balances
-        .into_iter()
-        .enumerate()
-        .map(|(i, b)| (customer(i), b))
-        .collect();
-    accounts.push((poor, 0));
-    let mut skus: Seeds = stock.into_iter().enumerate().map(|(i, q)| (sku(i), q)).collect();
-    skus.push((scarce, 0));
-    (orders, accounts, skus)
 }
 
 /// Sends one order (retrying transient failures: the idempotency key makes
@@ -393,7 +266,9 @@ async fn one_order(
         return finished;
     }
     let key = format!("demo-{run_id}-{}", order.index);
-    let created = retry_until(deadline, stop, || api.create_order(&order.body, &key)).await;
+    let created = retry_until(deadline, stop, || api.create_order(&order.body, &key))
+        .await
+        .ok();
     let Some(created) = created else { return finished };
     let id = |k: &str| {
         created
@@ -409,7 +284,7 @@ async fn one_order(
     let mut interval = Duration::from_millis(25);
     let order_path = format!("/v1/orders/{order_id}");
     let status = loop {
-        let current = retry_until(deadline, stop, || api.get(&order_path)).await;
+        let current = retry_until(deadline, stop, || api.get(&order_path)).await.ok();
         let Some(current) = current else { return finished };
         if let Some(s @ ("APPROVED" | "CANCELLED")) = current.get("status").and_then(Value::as_str) {
             break s.to_owned();
@@ -421,7 +296,7 @@ async fn one_order(
     };
 
     let saga_path = format!("/v1/sagas/{saga_id}");
-    let saga = retry_until(deadline, stop, || api.get(&saga_path)).await;
+    let saga = retry_until(deadline, stop, || api.get(&saga_path)).await.ok();
     let failure = saga
         .as_ref()
         .and_then(|s| s.get("failure"))
@@ -467,46 +342,6 @@ async fn one_order(
         retries,
     });
     finished
-}
-
-/// Calls `f` until it succeeds, fails for good, or time runs out.
-async fn retry_until<F, Fut>(deadline: tokio::time::Instant, stop: &CancellationToken, mut f: F) -> Option<Value>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<Value, ApiError>>,
-{
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        if stop.is_cancelled() {
-            return None;
-        }
-        match f().await {
-            Ok(v) => return Some(v),
-            Err(e) if e.is_transient() => {
-                tracing::warn!(error = %e, "API call failed, retrying");
-                if !sleep_until_or_stop(backoff, deadline, stop).await {
-                    return None;
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "API call failed");
-                return None;
-            }
-        }
-    }
-}
-
-/// Sleeps `d`; false if the deadline passes first or the demo is stopped.
-async fn sleep_until_or_stop(d: Duration, deadline: tokio::time::Instant, stop: &CancellationToken) -> bool {
-    let wake = tokio::time::Instant::now() + d;
-    if wake >= deadline {
-        return false;
-    }
-    tokio::select! {
-        () = tokio::time::sleep_until(wake) => true,
-        () = stop.cancelled() => false,
-    }
 }
 
 #[derive(Default)]
@@ -621,19 +456,6 @@ fn summarize(finished: &[Finished], refunds: i64, elapsed: Duration) -> usize {
         secs
     );
     unfinished
-}
-
-/// Nearest-rank percentile of sorted values.
-fn percentile(sorted: &[Duration], p: f64) -> Option<Duration> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    Some(sorted[rank.clamp(1, sorted.len()) - 1])
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.0} ms", d.as_secs_f64() * 1000.0)
 }
 
 /// The coordinator and the three participants, running in this process.

@@ -37,6 +37,7 @@ use sqlx::{Acquire, PgConnection, PgPool, Row};
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::lock::{self, LockGuard, Locks};
@@ -146,6 +147,15 @@ impl Processed {
     pub fn reply(&self) -> &ReplyEnvelope {
         match self {
             Processed::Executed(r) | Processed::Replayed(r) | Processed::Retryable(r) => r,
+        }
+    }
+
+    /// The `result` label of `skald_commands_processed_total`.
+    pub fn result(&self) -> &'static str {
+        match self {
+            Processed::Executed(_) => "executed",
+            Processed::Replayed(_) => "replayed",
+            Processed::Retryable(_) => "retryable",
         }
     }
 }
@@ -278,10 +288,14 @@ impl<H: Handler> Runtime<H> {
             let this = self.clone();
             let dead_letters = dead_letters.clone();
             let queue = queue.clone();
-            in_flight.spawn(async move {
-                this.on_delivery(delivery, &dead_letters, &queue).await;
-                drop(permit);
-            });
+            let span = skald_wire::trace::command_span(self.handler.participant(), &delivery.properties);
+            in_flight.spawn(
+                async move {
+                    this.on_delivery(delivery, &dead_letters, &queue).await;
+                    drop(permit);
+                }
+                .instrument(span),
+            );
         };
         in_flight.close();
         in_flight.wait().await;
@@ -292,7 +306,7 @@ impl<H: Handler> Runtime<H> {
         result
     }
 
-    #[tracing::instrument(skip_all, fields(participant = self.handler.participant(), saga_id, step, attempt, kind))]
+    /// Runs in [`skald_wire::trace::command_span`], whose fields it records.
     async fn on_delivery(&self, delivery: Delivery, dead_letters: &Publisher, queue: &str) {
         let message_type = delivery
             .properties
@@ -322,9 +336,16 @@ impl<H: Handler> Runtime<H> {
         match self.process(&command, &message_type).await {
             Ok(outcome) => {
                 tracing::debug!(?outcome, "command processed");
+                skald_wire::metrics::command_processed(
+                    self.handler.participant(),
+                    command.kind.as_str(),
+                    outcome.result(),
+                );
                 self.config.faults.crash("crash_before_ack");
                 if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
                     tracing::warn!(error = %e, "ack failed; the command will be redelivered and replayed");
+                } else {
+                    skald_wire::metrics::consumed(queue, 1);
                 }
             }
             Err(e) if e.is_transient() => {
@@ -340,7 +361,9 @@ impl<H: Handler> Runtime<H> {
     async fn reject(&self, delivery: &Delivery, dead_letters: &Publisher, queue: &str, reason: &str) {
         match amqp::dead_letter(dead_letters, delivery, queue, reason).await {
             Ok(()) => {
-                let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+                if delivery.acker.ack(BasicAckOptions::default()).await.is_ok() {
+                    skald_wire::metrics::consumed(queue, 1);
+                }
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot dead-letter; requeueing");
@@ -555,6 +578,6 @@ fn reply_message(reply: &ReplyEnvelope) -> OutgoingMessage {
         correlation_id: reply.saga_id,
         // A struct of plain fields and a Value always serializes.
         body: serde_json::to_vec(reply).unwrap_or_default(),
-        headers: Default::default(),
+        headers: skald_wire::trace::reply_headers(reply.saga_id, &reply.step, reply.attempt, reply.kind),
     }
 }

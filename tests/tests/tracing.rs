@@ -63,11 +63,10 @@ fn kind_of(v: &Value) -> Kind {
 async fn one_trace_per_saga_linked_by_traceparent_and_exported_over_otlp() {
     let spans: Collected = Arc::default();
     let endpoint = collector(spans.clone()).await;
+    // LOG_FORMAT and RUST_LOG apply as in the binaries.
     let telemetry = init_with(Options {
-        service_name: "skald-tracing-test".to_owned(),
-        default_filter: "warn".to_owned(),
-        json: false,
         otlp: Some(Some(endpoint)),
+        ..Options::from_env("skald-tracing-test", "warn")
     })
     .expect("telemetry");
     assert!(skald_wire::telemetry::otel_enabled());

@@ -17,6 +17,7 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::{Protocol, WithExportConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_subscriber::filter::FilterExt;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -139,8 +140,11 @@ pub fn init_with(options: Options) -> Result<Telemetry, Error> {
                 meta.target() == TARGET || (meta.is_event() && *meta.level() <= tracing::Level::WARN)
             }))
     });
+    // Saga spans are always on for logs too, whatever RUST_LOG says: their
+    // fields (saga id, step, attempt) then label every log line inside them.
+    let saga_spans = tracing_subscriber::filter::filter_fn(|meta| meta.is_span() && meta.target() == TARGET);
     let installed = tracing_subscriber::registry()
-        .with(fmt.with_filter(filter))
+        .with(fmt.with_filter(filter.or(saga_spans)))
         .with(otel)
         .try_init()
         .is_ok();

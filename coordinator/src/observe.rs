@@ -125,6 +125,15 @@ impl Observed {
                 Some(AttemptOutcome::TimedOut) => ("timed_out", Some("timed out".to_owned())),
                 Some(AttemptOutcome::Abandoned) | None => ("abandoned", Some("abandoned".to_owned())),
             };
+            tracing::debug!(
+                saga_id = %e.saga_id,
+                step = %e.step,
+                attempt = a.number,
+                kind,
+                outcome,
+                latency_ms = latency.as_millis() as u64,
+                "step attempt ended"
+            );
             match outcome {
                 "success" | "failure" => metrics::step_replied(&e.saga_type, &e.step, kind, outcome, latency),
                 "timed_out" => metrics::step_timed_out(&e.saga_type, &e.step, kind),
@@ -151,6 +160,7 @@ impl Observed {
         }
         for f in self.finished {
             let latency = (f.finished_at - f.created_at).to_std().unwrap_or_default();
+            tracing::debug!(saga_id = %f.saga_id, status = f.status.as_str(), latency_ms = latency.as_millis() as u64, "saga finished");
             metrics::saga_finished(&f.saga_type, f.status.as_str(), latency);
             trace::emit_span(trace::PastSpan {
                 name: format!("saga {}", f.saga_type),

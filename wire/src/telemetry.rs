@@ -107,7 +107,11 @@ pub fn init(service_name: &str, default_filter: &str) -> Telemetry {
     match init_with(Options::from_env(service_name, default_filter)) {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("telemetry: {e}; traces are not exported");
+            // The endpoint may be in the message: no credentials in logs.
+            eprintln!(
+                "telemetry: {}; traces are not exported",
+                crate::db::redact(&e.to_string())
+            );
             init_with(Options {
                 otlp: None,
                 ..Options::from_env(service_name, default_filter)

@@ -7,8 +7,10 @@
 
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use skald_participants::app::Which;
-use skald_tests::{Setup, TestEnv, eventually, get_text, metric, order, publish_raw};
+use skald_tests::{Setup, TestEnv, get_text, metric, order, publish_raw};
 use skald_wire::contract::COMMANDS_EXCHANGE;
 
 const WITHIN: Duration = Duration::from_secs(60);
@@ -54,26 +56,17 @@ async fn metrics_count_sagas_steps_messages_and_locks_exactly() {
     publish_raw(&ch, COMMANDS_EXCHANGE, "payment", "ChargePayment", b"not json").await;
     let _ = conn.close(200, "done".into()).await;
 
+    // Counters on the two sides of a message are bumped a moment apart (after
+    // a confirm, after an ack): poll until they settle, then check exactly.
     let coordinator = env.url("/metrics");
-    let text = eventually("every count to be recorded", WITHIN, || async {
+    let deadline = Instant::now() + WITHIN;
+    let text = loop {
         let text = get_text(&env.http, &coordinator).await;
-        let done = metric(&text, "skald_sagas_compensated_total", &[]) == 3.0
-            && metric(&text, "skald_sagas_completed_total", &[]) == 3.0
-            && metric(&text, "skald_messages_dead_lettered_total", &[]) == 1.0
-            && metric(
-                &text,
-                "skald_messages_consumed_total",
-                &[("queue", "skald.coordinator.replies")],
-            ) >= commands
-            && metric(
-                &text,
-                "skald_messages_consumed_total",
-                &[("queue", "skald.payment.commands")],
-            ) >= 7.0
-            && metric(&text, "skald_outbox_rows", &[]) == 0.0;
-        done.then_some(text)
-    })
-    .await;
+        if settled(&text, commands, order_commands) || Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let m = |name: &str, labels: &[(&str, &str)]| metric(&text, name, labels);
     let order_type = [("saga_type", "order")];
 
@@ -218,4 +211,37 @@ async fn metrics_count_sagas_steps_messages_and_locks_exactly() {
     );
 
     env.stop().await;
+}
+
+/// Whether every count the test checks has reached its final value (the
+/// assertions then say which one did not, if the deadline passed first).
+fn settled(text: &str, commands: f64, order_commands: f64) -> bool {
+    let m = |name: &str, labels: &[(&str, &str)]| metric(text, name, labels);
+    let consumed_commands: f64 = ["order", "payment", "inventory"]
+        .iter()
+        .map(|p| {
+            m(
+                "skald_messages_consumed_total",
+                &[("queue", &format!("skald.{p}.commands"))],
+            )
+        })
+        .sum();
+    let sampled = ["coordinator", "order", "payment", "inventory"]
+        .iter()
+        .all(|o| text.contains(&format!("outbox=\"{o}\"")));
+    m("skald_sagas_completed_total", &[]) == 3.0
+        && m("skald_sagas_compensated_total", &[]) == 3.0
+        && m("skald_messages_dead_lettered_total", &[]) == 1.0
+        && m("skald_step_attempts_total", &[]) == commands
+        && m("skald_messages_published_total", &[("exchange", "skald.commands")]) == commands
+        && m("skald_messages_published_total", &[("exchange", "skald.replies")]) == commands
+        && m(
+            "skald_messages_consumed_total",
+            &[("queue", "skald.coordinator.replies")],
+        ) == commands
+        && consumed_commands == commands + 1.0
+        && m("skald_commands_processed_total", &[]) == commands
+        && m("skald_lock_acquisitions_total", &[]) == order_commands
+        && sampled
+        && m("skald_outbox_rows", &[]) == 0.0
 }

@@ -97,6 +97,9 @@ pub struct Config {
     /// Quorum queues only: deliveries after which the broker itself dead-letters a message.
     #[arg(long, env = "AMQP_DELIVERY_LIMIT")]
     pub delivery_limit: Option<u32>,
+    /// How often the outbox gauges of /metrics are sampled.
+    #[arg(long, env = "METRICS_SAMPLE_MS", default_value_t = 5_000)]
+    pub metrics_sample_ms: u64,
 }
 
 impl Config {
@@ -133,6 +136,7 @@ pub struct Application {
 
 impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
+        skald_wire::metrics::install();
         let faults = Faults::parse(&config.faults, &["coordinator"])?;
         let registry = config.registry()?;
         let pool = skald_wire::db::connect_and_migrate(
@@ -216,6 +220,15 @@ impl Application {
                 prefetch: c.reply_prefetch,
                 batch_max: c.reply_batch.max(1),
                 max_redeliveries: c.max_redeliveries,
+            }
+            .run(shutdown.child_token()),
+        );
+        tasks.spawn(
+            skald_wire::metrics::OutboxSampler {
+                pool: self.store.pool().clone(),
+                outbox: "coordinator".to_owned(),
+                database: 0,
+                interval: Duration::from_millis(c.metrics_sample_ms),
             }
             .run(shutdown.child_token()),
         );

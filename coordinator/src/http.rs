@@ -127,6 +127,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/sagas/{id}/abort", post(abort_saga))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
+        .merge(skald_wire::metrics::router())
         .fallback(|| async { ApiError::NotFound("route".to_owned()) })
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)

@@ -5,6 +5,7 @@
 //! - [`store`]: PostgreSQL store; applies the pure engine and writes state
 //!   and outbox rows in one transaction.
 //! - [`manager`]: the reply consumer and the timeout sweeper.
+//! - [`observe`]: metrics and trace spans of committed transitions.
 //! - [`http`]: the HTTP API.
 //! - [`app`]: configuration, start-up and graceful shutdown.
 //!
@@ -18,6 +19,7 @@ pub mod app;
 pub mod domain;
 pub mod http;
 pub mod manager;
+pub mod observe;
 pub mod sagas;
 pub mod store;
 

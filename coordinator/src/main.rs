@@ -4,8 +4,8 @@ use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() {
-    skald_wire::telemetry::init("info,sqlx=warn,lapin=warn");
     let config = Config::parse();
+    let telemetry = skald_wire::telemetry::init("skald-coordinator", "info,sqlx=warn,lapin=warn");
     let shutdown = CancellationToken::new();
     tokio::spawn(skald_wire::shutdown::cancel_on_signal(shutdown.clone()));
     let result = async {
@@ -13,6 +13,8 @@ async fn main() {
         app.run_until_stopped(shutdown).await
     }
     .await;
+    // Flushing spans blocks: not on a runtime worker.
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
     if let Err(e) = result {
         eprintln!("coordinator: {}", skald_wire::telemetry::one_line(e.as_ref()));
         std::process::exit(1);

@@ -129,6 +129,7 @@ impl ReplyConsumer {
         }
         if let Some(last) = batch.last() {
             last.acker.ack(BasicAckOptions { multiple: true }).await?;
+            skald_wire::metrics::consumed(REPLIES_QUEUE, batch.len() as u64);
         }
         Ok(())
     }

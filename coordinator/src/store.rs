@@ -19,6 +19,7 @@ use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::domain::{IdempotencyKey, NewOrder};
+use crate::observe::Observed;
 use crate::sagas::Registry;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -227,6 +228,7 @@ impl Store {
             }));
         }
         self.after_commit();
+        crate::observe::saga_started(def.name(), &t.commands);
         tracing::info!(saga_id = %ids.saga_id, order_id = %ids.order_id, "saga started");
         Ok(Created::New(ids))
     }
@@ -264,9 +266,10 @@ impl Store {
                 },
             );
         }
-        self.persist(&mut tx, loaded.into_values().collect(), ctx.now).await?;
+        let observed = self.persist(&mut tx, loaded.into_values().collect(), ctx.now).await?;
         tx.commit().await?;
         self.after_commit();
+        observed.record();
         Ok(verdicts)
     }
 
@@ -296,9 +299,10 @@ impl Store {
             sagas.push(saga);
         }
         let n = sagas.len();
-        self.persist(&mut tx, sagas, ctx.now).await?;
+        let observed = self.persist(&mut tx, sagas, ctx.now).await?;
         tx.commit().await?;
         self.after_commit();
+        observed.record();
         Ok(n)
     }
 
@@ -314,9 +318,10 @@ impl Store {
         let ctx = ctx();
         let t = skald_engine::apply(&saga.def, saga.state.clone(), event, ctx)?;
         absorb(&mut saga, t);
-        self.persist(&mut tx, vec![saga], ctx.now).await?;
+        let observed = self.persist(&mut tx, vec![saga], ctx.now).await?;
         tx.commit().await?;
         self.after_commit();
+        observed.record();
         self.saga(saga_id).await?.ok_or(Error::SagaNotFound(saga_id))
     }
 
@@ -402,10 +407,12 @@ impl Store {
     }
 
     /// Writes the changed sagas and their commands, in the caller's transaction.
-    async fn persist(&self, tx: &mut PgConnection, sagas: Vec<Loaded>, now: DateTime<Utc>) -> Result<()> {
+    /// Returns what they did, to record after the commit.
+    async fn persist(&self, tx: &mut PgConnection, sagas: Vec<Loaded>, now: DateTime<Utc>) -> Result<Observed> {
         let changed: Vec<Loaded> = sagas.into_iter().filter(|s| s.changed).collect();
+        let mut observed = Observed::default();
         if changed.is_empty() {
-            return Ok(());
+            return Ok(observed);
         }
         let mut ids = Vec::with_capacity(changed.len());
         let mut statuses = Vec::with_capacity(changed.len());
@@ -420,6 +427,7 @@ impl Store {
             wakes.push(s.state.wake_at);
             finished.push(s.state.finished_at);
             messages.extend(s.commands.iter().map(|c| command_message(s.id, &s.payload, c)));
+            observed.changed(s.id, s.def.name(), &s.state, &s.commands, now);
         }
         sqlx::query(
             "UPDATE sagas AS s SET status = u.status, state = u.state, wake_at = u.wake_at,
@@ -437,7 +445,7 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         skald_wire::outbox::insert(tx, &messages).await?;
-        Ok(())
+        Ok(observed)
     }
 
     fn after_commit(&self) {
@@ -494,6 +502,6 @@ fn command_message(saga_id: Uuid, payload: &Value, c: &CommandSpec) -> OutgoingM
         correlation_id: saga_id,
         // Serializing a struct of plain fields and a Value cannot fail.
         body: serde_json::to_vec(&envelope).unwrap_or_default(),
-        headers: Default::default(),
+        headers: skald_wire::trace::command_headers(saga_id, &c.step, c.attempt, c.kind),
     }
 }

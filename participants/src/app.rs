@@ -1,5 +1,6 @@
 //! Configuration and start-up of one participant process.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -7,6 +8,7 @@ use backon::{ExponentialBuilder, Retryable};
 use skald_wire::amqp::{QueueType, Topology};
 use skald_wire::faults::Faults;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::inventory::InventoryParticipant;
 use crate::lock::Locks;
@@ -91,6 +93,13 @@ pub struct Config {
     /// Quorum queues only: deliveries after which the broker itself dead-letters a message.
     #[arg(long, env = "AMQP_DELIVERY_LIMIT")]
     pub delivery_limit: Option<u32>,
+    /// Listen address of /metrics and /healthz. Default: 127.0.0.1:9091 for
+    /// order, :9092 for payment, :9093 for inventory (port 0: any free port).
+    #[arg(long, env = "HTTP_ADDR")]
+    pub http_addr: Option<SocketAddr>,
+    /// How often the outbox gauges of /metrics are sampled.
+    #[arg(long, env = "METRICS_SAMPLE_MS", default_value_t = 5_000)]
+    pub metrics_sample_ms: u64,
 }
 
 #[derive(Debug, clap::Parser)]
@@ -130,6 +139,17 @@ impl Config {
         })
     }
 
+    /// Where this participant serves /metrics and /healthz.
+    pub fn http_addr(&self, which: Which) -> SocketAddr {
+        let port = match which {
+            Which::Order => 9091,
+            Which::Payment => 9092,
+            Which::Inventory => 9093,
+        };
+        self.http_addr
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], port)))
+    }
+
     /// The orders databases, in shard-map order.
     pub fn order_database_urls(&self) -> Vec<String> {
         order_database_urls(&self.orders_database_url, &self.orders_database_urls)
@@ -162,16 +182,44 @@ impl Config {
     }
 }
 
-/// A participant ready to run.
-pub enum Participant {
+/// A participant ready to run: its runtime and its HTTP listener.
+pub struct Participant {
+    which: Which,
+    runtime: Runtimes,
+    /// Bound at build time, so that the address (port 0 in tests) is known before running.
+    listener: tokio::net::TcpListener,
+    sample_interval: Duration,
+}
+
+enum Runtimes {
     Order(Runtime<OrderParticipant>),
     Payment(Runtime<PaymentParticipant>),
     Inventory(Runtime<InventoryParticipant>),
 }
 
+impl Runtimes {
+    fn pools(&self) -> Vec<sqlx::PgPool> {
+        match self {
+            Runtimes::Order(r) => r.pools().to_vec(),
+            Runtimes::Payment(r) => r.pools().to_vec(),
+            Runtimes::Inventory(r) => r.pools().to_vec(),
+        }
+    }
+
+    async fn run(self, shutdown: CancellationToken) {
+        match self {
+            Runtimes::Order(r) => r.run(shutdown).await,
+            Runtimes::Payment(r) => r.run(shutdown).await,
+            Runtimes::Inventory(r) => r.run(shutdown).await,
+        }
+    }
+}
+
 impl Participant {
-    /// Connects to everything it needs (bounded retries), migrates its database.
+    /// Connects to everything it needs (bounded retries), migrates its
+    /// database, binds its HTTP listener.
     pub async fn build(which: Which, config: &Config) -> anyhow::Result<Self> {
+        skald_wire::metrics::install();
         let runtime = config.runtime(which)?;
         let (urls, migrator) = match which {
             Which::Order => (config.order_database_urls(), &ORDERS_MIGRATOR),
@@ -198,33 +246,68 @@ impl Participant {
         .await
         .with_context(|| format!("RabbitMQ at {}", skald_wire::db::redact(&config.amqp_url)))?;
         let _ = conn.close(200, "start-up checks done".into()).await;
-        Ok(match which {
+        let runtime = match which {
             Which::Order => {
                 let store = config.order_store()?;
                 for (i, pool) in pools.iter().enumerate() {
                     store.shards.prepare(pool, i).await.map_err(anyhow::Error::msg)?;
                 }
                 let locks = config.locks().await?;
-                Participant::Order(Runtime::partitioned(
+                Runtimes::Order(Runtime::partitioned(
                     pools,
                     OrderParticipant { store },
                     Some(locks),
                     runtime,
                 ))
             }
-            Which::Payment => Participant::Payment(Runtime::partitioned(pools, PaymentParticipant, None, runtime)),
-            Which::Inventory => {
-                Participant::Inventory(Runtime::partitioned(pools, InventoryParticipant, None, runtime))
-            }
+            Which::Payment => Runtimes::Payment(Runtime::partitioned(pools, PaymentParticipant, None, runtime)),
+            Which::Inventory => Runtimes::Inventory(Runtime::partitioned(pools, InventoryParticipant, None, runtime)),
+        };
+        let addr = config.http_addr(which);
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} (HTTP_ADDR)"))?;
+        Ok(Self {
+            which,
+            runtime,
+            listener,
+            sample_interval: Duration::from_millis(config.metrics_sample_ms.max(1)),
         })
     }
 
+    /// The address /metrics and /healthz are served on.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Runs until `shutdown`: the runtime (consumer and reply relays), the
+    /// HTTP server and the outbox samplers; then drains them and closes the pools.
     pub async fn run(self, shutdown: CancellationToken) {
-        match self {
-            Participant::Order(r) => close_after(r.pools().to_vec(), r.run(shutdown)).await,
-            Participant::Payment(r) => close_after(r.pools().to_vec(), r.run(shutdown)).await,
-            Participant::Inventory(r) => close_after(r.pools().to_vec(), r.run(shutdown)).await,
+        let name = runtime_name(self.which);
+        let pools = self.runtime.pools();
+        let tasks = TaskTracker::new();
+        for (i, pool) in pools.iter().enumerate() {
+            tasks.spawn(
+                skald_wire::metrics::OutboxSampler {
+                    pool: pool.clone(),
+                    outbox: name.to_owned(),
+                    database: i,
+                    interval: self.sample_interval,
+                }
+                .run(shutdown.child_token()),
+            );
         }
+        if let Ok(addr) = self.listener.local_addr() {
+            tracing::info!(participant = name, %addr, "serving /metrics and /healthz");
+        }
+        tasks.spawn(crate::http::serve(self.listener, shutdown.child_token()));
+        tasks.close();
+        close_after(pools, async {
+            self.runtime.run(shutdown.clone()).await;
+            shutdown.cancel();
+            tasks.wait().await;
+        })
+        .await;
     }
 }
 
@@ -249,7 +332,8 @@ async fn close_after(pools: Vec<sqlx::PgPool>, run: impl std::future::Future<Out
     }
 }
 
-fn runtime_name(which: Which) -> &'static str {
+/// The participant's name: its routing key, queue and metrics label.
+pub fn runtime_name(which: Which) -> &'static str {
     match which {
         Which::Order => "order",
         Which::Payment => "payment",

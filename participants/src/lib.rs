@@ -8,12 +8,14 @@
 //! - [`seed`] and [`verify`]: seeding accounts and stock, checking the
 //!   invariants of DESIGN.md across the four databases (demo, tests, sagactl).
 //! - [`app`]: configuration and start-up of a participant process.
+//! - [`http`]: `/healthz` and `/metrics`.
 //!
 //! Flow: AMQP delivery -> [`runtime::Runtime::process`] (lock -> transaction:
 //! inbox row, handler, reply in inbox and outbox -> commit -> unlock) -> ack;
 //! the outbox relay then publishes the reply.
 
 pub mod app;
+pub mod http;
 pub mod inventory;
 pub mod lock;
 pub mod order;

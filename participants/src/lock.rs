@@ -105,8 +105,7 @@ impl Locks {
     }
 
     fn fence_key(&self, resource: &str) -> String {
-        let kind = resource.split(':').next().unwrap_or(resource);
-        format!("{}fence:{kind}", self.prefix)
+        format!("{}fence:{}", self.prefix, resource_kind(resource))
     }
 
     /// Takes the lock on `resource` (e.g. `order:<uuid>`), waiting up to the
@@ -122,6 +121,7 @@ impl Locks {
         let deadline = Instant::now() + wait;
         let mut pause = Duration::from_millis(2);
         let mut conn = self.conn.clone();
+        let kind = resource_kind(resource);
         loop {
             let fence: Option<i64> = self
                 .acquire
@@ -132,10 +132,13 @@ impl Locks {
                 .invoke_async(&mut conn)
                 .await?;
             if let Some(fence) = fence {
+                skald_wire::metrics::lock_acquired(kind);
                 return Ok(LockGuard { key, token, fence });
             }
+            skald_wire::metrics::lock_busy(kind);
             let now = Instant::now();
             if now >= deadline {
+                skald_wire::metrics::lock_timed_out(kind);
                 return Err(Error::Timeout(key, wait));
             }
             let jitter = Duration::from_micros(rand::random::<u64>() % 1000);
@@ -168,6 +171,11 @@ impl Locks {
             .await?;
         Ok(n == 1)
     }
+}
+
+/// `order` for `order:<uuid>`: the fencing counter's name and the metrics label.
+pub fn resource_kind(resource: &str) -> &str {
+    resource.split(':').next().unwrap_or(resource)
 }
 
 /// Connects to Redis (the connection manager reconnects by itself afterwards).

@@ -4,12 +4,17 @@ use tokio_util::sync::CancellationToken;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
-    skald_wire::telemetry::init("info,sqlx=warn,lapin=warn");
     let cli = Cli::parse();
+    let service = format!("skald-{}", skald_participants::app::runtime_name(cli.which));
+    let telemetry = skald_wire::telemetry::init(&service, "info,sqlx=warn,lapin=warn");
     let shutdown = CancellationToken::new();
     tokio::spawn(skald_wire::shutdown::cancel_on_signal(shutdown.clone()));
     match Participant::build(cli.which, &cli.config).await {
-        Ok(p) => p.run(shutdown).await,
+        Ok(p) => {
+            p.run(shutdown).await;
+            // Flushing spans blocks: not on a runtime worker.
+            let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+        }
         Err(e) => {
             eprintln!(
                 "participant {:?}: {}",

@@ -208,7 +208,10 @@ impl OrderStore {
             return Ok(true);
         }
         match self.get_for_update(tx, id).await? {
-            Some((_, stored)) => Err(HandlerError::StaleFence { given: fence, stored }),
+            Some((_, stored)) => {
+                skald_wire::metrics::fencing_rejected("order");
+                Err(HandlerError::StaleFence { given: fence, stored })
+            }
             None => Ok(false),
         }
     }

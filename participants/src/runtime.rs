@@ -37,6 +37,7 @@ use sqlx::{Acquire, PgConnection, PgPool, Row};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::lock::{self, LockGuard, Locks};
@@ -149,6 +150,31 @@ impl Processed {
         match self {
             Processed::Executed(r) | Processed::Replayed(r) | Processed::Retryable(r) => r,
         }
+    }
+
+    /// The `result` label of `skald_commands_processed_total`.
+    pub fn result(&self) -> &'static str {
+        match self {
+            Processed::Executed(_) => "executed",
+            Processed::Replayed(_) => "replayed",
+            Processed::Retryable(_) => "retryable",
+        }
+    }
+}
+
+/// A decoded command waiting to be processed, with the span it runs in.
+pub struct Incoming<'a> {
+    pub command: &'a CommandEnvelope,
+    pub message_type: &'a str,
+    pub span: tracing::Span,
+}
+
+impl Incoming<'_> {
+    async fn process_by<H: Handler>(&self, runtime: &Runtime<H>) -> Result<Processed, HandlerError> {
+        runtime
+            .process(self.command, self.message_type)
+            .instrument(self.span.clone())
+            .await
     }
 }
 
@@ -300,7 +326,8 @@ impl<H: Handler> Runtime<H> {
     /// others go through [`Self::process_batch`]; then one `multiple` ack
     /// settles every delivery that was not requeued or dead-lettered.
     async fn on_batch(&self, batch: Vec<Delivery>, dead_letters: &Publisher, queue: &str) {
-        let mut items: Vec<(usize, CommandEnvelope, String)> = Vec::with_capacity(batch.len());
+        let participant = self.handler.participant();
+        let mut items: Vec<(usize, CommandEnvelope, String, tracing::Span)> = Vec::with_capacity(batch.len());
         // Deliveries settled one by one (dead-lettered or requeued).
         let mut settled = vec![false; batch.len()];
         for (i, delivery) in batch.iter().enumerate() {
@@ -319,7 +346,12 @@ impl<H: Handler> Runtime<H> {
                         .as_ref()
                         .map(|k| k.as_str().to_owned())
                         .unwrap_or_default();
-                    items.push((i, command, message_type));
+                    let span = skald_wire::trace::command_span(participant, &delivery.properties);
+                    span.record("saga_id", tracing::field::display(command.saga_id));
+                    span.record("step", command.step.as_str());
+                    span.record("attempt", command.attempt);
+                    span.record("kind", command.kind.as_str());
+                    items.push((i, command, message_type, span));
                 }
                 Err(e) => {
                     self.reject(delivery, dead_letters, queue, &format!("undecodable command: {e}"))
@@ -329,20 +361,29 @@ impl<H: Handler> Runtime<H> {
             }
         }
         self.config.faults.delay().await;
-        let commands: Vec<(&CommandEnvelope, &str)> = items.iter().map(|(_, c, t)| (c, t.as_str())).collect();
+        let commands: Vec<Incoming<'_>> = items
+            .iter()
+            .map(|(_, command, message_type, span)| Incoming {
+                command,
+                message_type,
+                span: span.clone(),
+            })
+            .collect();
         let outcomes = self.process_batch(&commands).await;
         let mut requeue_pause = false;
-        for ((i, command, _), outcome) in items.iter().zip(outcomes) {
+        let mut consumed = 0u64;
+        for ((i, command, _, span), outcome) in items.iter().zip(outcomes) {
+            let _entered = span.enter();
             let delivery = &batch[*i];
             match outcome {
                 Ok(outcome) => {
-                    tracing::debug!(saga_id = %command.saga_id, step = command.step.as_str(),
-                        attempt = command.attempt, kind = command.kind.as_str(), ?outcome, "command processed");
+                    tracing::debug!(?outcome, "command processed");
+                    skald_wire::metrics::command_processed(participant, command.kind.as_str(), outcome.result());
+                    consumed += 1;
                 }
                 Err(e) if e.is_transient() => {
                     // Not even the retryable reply could be stored: let the broker redeliver.
-                    tracing::warn!(saga_id = %command.saga_id, step = command.step.as_str(), error = %e,
-                        "command failed and no reply could be stored; requeueing");
+                    tracing::warn!(error = %e, "command failed and no reply could be stored; requeueing");
                     if !requeue_pause {
                         tokio::time::sleep(Duration::from_millis(200)).await;
                         requeue_pause = true;
@@ -358,17 +399,20 @@ impl<H: Handler> Runtime<H> {
         }
         self.config.faults.crash("crash_before_ack");
         // Acks every unsettled delivery up to the last one at once.
-        if let Some(last) = batch.iter().zip(&settled).rev().find(|(_, s)| !**s).map(|(d, _)| d)
-            && let Err(e) = last.acker.ack(BasicAckOptions { multiple: true }).await
-        {
-            tracing::warn!(error = %e, "ack failed; the commands will be redelivered and replayed");
+        if let Some(last) = batch.iter().zip(&settled).rev().find(|(_, s)| !**s).map(|(d, _)| d) {
+            match last.acker.ack(BasicAckOptions { multiple: true }).await {
+                Ok(_) => skald_wire::metrics::consumed(queue, consumed),
+                Err(e) => tracing::warn!(error = %e, "ack failed; the commands will be redelivered and replayed"),
+            }
         }
     }
 
     async fn reject(&self, delivery: &Delivery, dead_letters: &Publisher, queue: &str, reason: &str) {
         match amqp::dead_letter(dead_letters, delivery, queue, reason).await {
             Ok(()) => {
-                let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+                if delivery.acker.ack(BasicAckOptions::default()).await.is_ok() {
+                    skald_wire::metrics::consumed(queue, 1);
+                }
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot dead-letter; requeueing");
@@ -406,14 +450,14 @@ impl<H: Handler> Runtime<H> {
     /// its own changes). Same outcomes, one per command and in order, as
     /// [`Self::process`] on each; if a batch transaction itself fails, its
     /// commands are run again one by one.
-    pub async fn process_batch(&self, commands: &[(&CommandEnvelope, &str)]) -> Vec<Result<Processed, HandlerError>> {
+    pub async fn process_batch(&self, commands: &[Incoming<'_>]) -> Vec<Result<Processed, HandlerError>> {
         let mut outcomes: Vec<Option<Result<Processed, HandlerError>>> = (0..commands.len()).map(|_| None).collect();
         // Which database each command runs in; the same lock resource twice
         // in one transaction would wait for itself, so a repeat waits for the
         // next round.
         let mut rounds: Vec<Vec<(usize, Option<String>)>> = Vec::new();
         let mut parts: Vec<usize> = Vec::with_capacity(commands.len());
-        for (i, (command, _)) in commands.iter().enumerate() {
+        for (i, Incoming { command, .. }) in commands.iter().enumerate() {
             let placed = self
                 .partition_of(command)
                 .and_then(|p| Ok((p, self.handler.lock_resource(command)?)));
@@ -444,7 +488,7 @@ impl<H: Handler> Runtime<H> {
                 if members.is_empty() {
                     continue;
                 }
-                let batch: Vec<(&CommandEnvelope, &str)> = members.iter().map(|&i| commands[i]).collect();
+                let batch: Vec<&Incoming<'_>> = members.iter().map(|&i| &commands[i]).collect();
                 let results = self.run_round(&self.pools[p], &batch).await;
                 for (i, r) in members.into_iter().zip(results) {
                     outcomes[i] = Some(r);
@@ -461,12 +505,12 @@ impl<H: Handler> Runtime<H> {
     async fn run_round(
         &self,
         pool: &PgPool,
-        batch: &[(&CommandEnvelope, &str)],
+        batch: &[&Incoming<'_>],
     ) -> Vec<Result<Processed, HandlerError>> {
-        if let [(command, message_type)] = batch {
-            return vec![self.process(command, message_type).await];
+        if let [one] = batch {
+            return vec![one.process_by(self).await];
         }
-        let guards = futures::future::join_all(batch.iter().map(|(c, _)| self.lock_for(c))).await;
+        let guards = futures::future::join_all(batch.iter().map(|c| self.lock_for(c.command))).await;
         let held: Vec<&LockGuard> = guards
             .iter()
             .filter_map(|g| g.as_ref().ok().and_then(Option::as_ref))
@@ -481,8 +525,8 @@ impl<H: Handler> Runtime<H> {
             Err(e) => {
                 tracing::warn!(error = %e, commands = batch.len(), "batch transaction failed; processing its commands one by one");
                 let mut outcomes = Vec::with_capacity(batch.len());
-                for (command, message_type) in batch {
-                    outcomes.push(self.process(command, message_type).await);
+                for one in batch {
+                    outcomes.push(one.process_by(self).await);
                 }
                 outcomes
             }
@@ -494,35 +538,42 @@ impl<H: Handler> Runtime<H> {
     async fn execute_batch(
         &self,
         pool: &PgPool,
-        batch: &[(&CommandEnvelope, &str)],
+        batch: &[&Incoming<'_>],
         guards: &[Result<Option<LockGuard>, HandlerError>],
     ) -> Result<Vec<Result<Processed, HandlerError>>, HandlerError> {
         let mut tx = pool.begin().await?;
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut replies = Vec::with_capacity(batch.len());
-        for ((command, message_type), guard) in batch.iter().zip(guards) {
-            let fence = match guard {
-                Ok(g) => g.as_ref().map(|g| g.fence),
-                Err(e) if e.is_transient() => {
-                    let reply = self.retryable_reply(command, e);
-                    replies.push(reply_message(&reply));
-                    outcomes.push(Ok(Processed::Retryable(reply)));
-                    continue;
+        for (incoming, guard) in batch.iter().zip(guards) {
+            let Incoming {
+                command,
+                message_type,
+                span,
+            } = incoming;
+            let outcome = async {
+                let fence = match guard {
+                    Ok(g) => g.as_ref().map(|g| g.fence),
+                    Err(e) if e.is_transient() => {
+                        let reply = self.retryable_reply(command, e);
+                        return Ok((reply_message(&reply), Processed::Retryable(reply)));
+                    }
+                    Err(e) => return Err(HandlerError::BadPayload(e.to_string())),
+                };
+                match self.execute_in(&mut tx, command, message_type, fence).await {
+                    Ok(p) => Ok((reply_message(p.reply()), p)),
+                    Err(e) if e.is_transient() => {
+                        let reply = self.retryable_reply(command, &e);
+                        Ok((reply_message(&reply), Processed::Retryable(reply)))
+                    }
+                    Err(e) => Err(e),
                 }
-                Err(e) => {
-                    outcomes.push(Err(HandlerError::BadPayload(e.to_string())));
-                    continue;
-                }
-            };
-            match self.execute_in(&mut tx, command, message_type, fence).await {
-                Ok(p) => {
-                    replies.push(reply_message(p.reply()));
-                    outcomes.push(Ok(p));
-                }
-                Err(e) if e.is_transient() => {
-                    let reply = self.retryable_reply(command, &e);
-                    replies.push(reply_message(&reply));
-                    outcomes.push(Ok(Processed::Retryable(reply)));
+            }
+            .instrument(span.clone())
+            .await;
+            match outcome {
+                Ok((reply, processed)) => {
+                    replies.push(reply);
+                    outcomes.push(Ok(processed));
                 }
                 Err(e) => outcomes.push(Err(e)),
             }
@@ -828,6 +879,6 @@ fn reply_message(reply: &ReplyEnvelope) -> OutgoingMessage {
         correlation_id: reply.saga_id,
         // A struct of plain fields and a Value always serializes.
         body: serde_json::to_vec(reply).unwrap_or_default(),
-        headers: Default::default(),
+        headers: skald_wire::trace::reply_headers(reply.saga_id, &reply.step, reply.attempt, reply.kind),
     }
 }

@@ -108,6 +108,8 @@ pub struct TestEnv {
     pub participant_config: ParticipantConfig,
     pub coordinator_config: skald_coordinator::Config,
     pub dbs: Databases,
+    /// Where each participant started by this env serves /metrics and /healthz.
+    pub participant_addrs: Vec<(Which, std::net::SocketAddr)>,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -145,6 +147,7 @@ impl TestEnv {
             coordinator_config: coordinator_config(&names, &setup),
             dbs: databases_spread(&names, setup.order_shards, setup.order_databases),
             names,
+            participant_addrs: Vec::new(),
             shutdown: CancellationToken::new(),
             tasks: Vec::new(),
         };
@@ -202,6 +205,8 @@ impl TestEnv {
         let p = Participant::build(which, &self.participant_config)
             .await
             .expect("participant starts");
+        self.participant_addrs
+            .push((which, p.local_addr().expect("participant address")));
         let token = self.shutdown.child_token();
         self.tasks.push(tokio::spawn(p.run(token)));
     }
@@ -251,6 +256,22 @@ impl TestEnv {
             assert!(
                 Instant::now() < deadline,
                 "saga {saga_id} not {status} after {within:?}: {v}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Waits until the saga is `COMPLETED`, `COMPENSATED` or `STUCK`; panics after `within`.
+    pub async fn wait_for_saga_final(&self, saga_id: Uuid, within: Duration) -> Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let v = self.saga(saga_id).await;
+            if matches!(v["status"].as_str(), Some("COMPLETED" | "COMPENSATED" | "STUCK")) {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "saga {saga_id} not final after {within:?}: {v}"
             );
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
@@ -416,6 +437,7 @@ fn coordinator_config(names: &Names, setup: &Setup) -> skald_coordinator::Config
     c.retry_max_backoff_ms = 500;
     c.admin_token = Some(ADMIN_TOKEN.to_owned());
     c.startup_retries = 2;
+    c.metrics_sample_ms = 100;
     c
 }
 
@@ -434,6 +456,8 @@ fn participant_config(names: &Names, shards: u32, order_databases: u32) -> Parti
     c.db_pool_size = 3;
     c.batch_max = 16;
     c.startup_retries = 2;
+    c.http_addr = Some("127.0.0.1:0".parse().expect("addr"));
+    c.metrics_sample_ms = 100;
     c
 }
 
@@ -540,4 +564,31 @@ where
         );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+}
+
+/// Sum of the samples of `name` in a Prometheus text exposition whose labels
+/// include every pair of `labels` (0 when there is none).
+pub fn metric(body: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    body.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, rest) = match series.split_once('{') {
+                Some((m, rest)) => (m, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            if metric != name {
+                return None;
+            }
+            let has = |(k, v): &(&str, &str)| rest.split(',').any(|pair| pair == format!("{k}=\"{v}\""));
+            labels.iter().all(has).then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
+/// GETs a URL's body as text, asserting a 200.
+pub async fn get_text(http: &reqwest::Client, url: &str) -> String {
+    let resp = http.get(url).send().await.unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    assert_eq!(resp.status(), 200, "GET {url}");
+    resp.text().await.expect("body")
 }

@@ -92,7 +92,7 @@ impl Cluster {
             }
             Role::Participant(name, k) => {
                 let mut c = Command::new(self.bin.join("participant"));
-                c.arg(name);
+                c.arg(name).env("HTTP_ADDR", "127.0.0.1:0");
                 (c, format!("{name}-{k}.log"))
             }
         };

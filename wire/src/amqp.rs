@@ -291,6 +291,9 @@ impl Publisher {
                 Confirmation::Nack(_) => Err(Error::Nacked(m.message_id)),
                 Confirmation::NotRequested => Err(Error::NoConfirms),
             };
+            if outcome.is_ok() {
+                crate::metrics::published(&m.exchange, 1);
+            }
             if let Err(e) = outcome {
                 first_error.get_or_insert(e);
             }
@@ -368,5 +371,7 @@ pub async fn dead_letter(
         headers,
     };
     tracing::warn!(queue, reason, message_id = %message.message_id, "dead-lettering message");
-    publisher.publish_all(std::slice::from_ref(&message)).await
+    publisher.publish_all(std::slice::from_ref(&message)).await?;
+    crate::metrics::dead_lettered(queue, reason);
+    Ok(())
 }

@@ -9,7 +9,12 @@
 //!   transaction) and the relay that publishes them in batches.
 //! - [`db`]: create-if-missing, pool, migrations.
 //! - [`faults`]: failure injection (`SKALD_FAULTS`), off by default.
-//! - [`telemetry`], [`shutdown`]: logs and signals for every binary.
+//! - [`telemetry`], [`shutdown`]: logs (and OTLP trace export) and signals
+//!   for every binary.
+//! - [`metrics`]: the Prometheus recorder, `GET /metrics`, one function per
+//!   metric, the outbox gauges' sampler.
+//! - [`trace`]: W3C `traceparent` of commands and replies (the saga id is the
+//!   trace id), span ids derived from the step attempt.
 //!
 //! Data flow: a business transaction inserts [`outbox::OutboxMessage`]s;
 //! [`outbox::Relay`] claims them, publishes through [`amqp::Publisher`] and
@@ -19,9 +24,11 @@ pub mod amqp;
 pub mod contract;
 pub mod db;
 pub mod faults;
+pub mod metrics;
 pub mod outbox;
 pub mod redelivery;
 pub mod shutdown;
 pub mod telemetry;
+pub mod trace;
 
 pub use skald_engine::Kind;

@@ -217,7 +217,7 @@ struct Report {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    skald_wire::telemetry::init("warn");
+    let _telemetry = skald_wire::telemetry::init("skald-bench", "warn");
     let child_env = match args.validate() {
         Ok(e) => e,
         Err(e) => {

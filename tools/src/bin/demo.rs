@@ -85,14 +85,17 @@ const SKUS: usize = 24;
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    skald_wire::telemetry::init("warn");
-    match run(args).await {
+    let telemetry = skald_wire::telemetry::init("skald-demo", "warn");
+    let code = match run(args).await {
         Ok(code) => code,
         Err(e) => {
             eprintln!("demo: {}", skald_tools::one_line(&format!("{e:#}")));
             ExitCode::FAILURE
         }
-    }
+    };
+    // Flushing spans blocks: not on a runtime worker.
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    code
 }
 
 async fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -479,6 +482,8 @@ impl Local {
         pconfig.payments_database_url = db.payments_database_url.clone();
         pconfig.inventory_database_url = db.inventory_database_url.clone();
         pconfig.order_shards = db.order_shards;
+        // Three participants in one process: any free port each (HTTP_ADDR is the coordinator's here).
+        pconfig.http_addr = Some("127.0.0.1:0".parse().expect("valid address"));
         let (app, order, payment, inventory) = tokio::try_join!(
             async {
                 skald_coordinator::Application::build(config)

@@ -22,8 +22,8 @@ macro_rules! outln {
     };
 }
 
-#[doc(hidden)]
-pub mod dlq;
+/// The dead-letter queue (shared with the coordinator's HTTP API).
+pub use skald_coordinator::dlq;
 
 pub fn write_line(args: fmt::Arguments<'_>) {
     use std::io::Write;

@@ -187,24 +187,25 @@ async fn an_operator_lists_dead_letters_without_consuming_them_and_replays_one()
         .unwrap();
 
     let url = env.names.amqp_url();
-    let listed = skald_tools::dlq::list(&url, 10).await.unwrap();
+    let (listed, more) = skald_tools::dlq::list(&url, 10).await.unwrap();
+    assert!(!more);
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].message_id, message_id.to_string());
     assert_eq!(listed[0].reason, "redelivered 11 times");
     assert_eq!(
-        skald_tools::dlq::list(&url, 10).await.unwrap().len(),
+        skald_tools::dlq::list(&url, 10).await.unwrap().0.len(),
         1,
         "listing consumes nothing"
     );
     assert!(env.payments(order_id).await.is_empty());
 
-    let replayed = skald_tools::dlq::replay(&url, &message_id.to_string()).await.unwrap();
+    let (replayed, _) = skald_tools::dlq::replay(&url, &message_id.to_string()).await.unwrap();
     assert_eq!(replayed.message_type, "ChargePayment");
     let reply = take_messages(&ch, REPLIES_QUEUE, 1, WITHIN).await;
     assert_eq!(reply[0].0["outcome"], "success");
     assert_eq!(env.payments(order_id).await, vec![("CHARGED".to_owned(), 125)]);
     assert!(
-        skald_tools::dlq::list(&url, 10).await.unwrap().is_empty(),
+        skald_tools::dlq::list(&url, 10).await.unwrap().0.is_empty(),
         "replayed letters leave the queue"
     );
     assert!(skald_tools::dlq::replay(&url, &message_id.to_string()).await.is_err());

@@ -114,7 +114,9 @@ impl IdempotencyKey {
 }
 
 /// `POST /v1/orders` as received (unchecked). The schema states the rules
-/// [`NewOrder::parse`] enforces, but one: SKUs must differ.
+/// that [`NewOrder::parse`] enforces on each field; two more span fields:
+/// SKUs must differ, and the total (quantity times unit price, summed) must
+/// not exceed 1,000,000,000 cents.
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OrderRequest {

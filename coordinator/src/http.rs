@@ -415,6 +415,7 @@ struct SagaListQuery {
     after: Option<Uuid>,
     /// `asc` (oldest first, the default) or `desc` (newest first).
     #[serde(default, deserialize_with = "lenient")]
+    #[param(inline)]
     order: Option<ListOrder>,
 }
 

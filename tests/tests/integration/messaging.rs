@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 const WITHIN: Duration = Duration::from_secs(20);
 
-fn command(saga_id: Uuid, order_id: Uuid, attempt: u32, kind: &str, customer: &str, total: i64) -> Vec<u8> {
+pub(crate) fn command(saga_id: Uuid, order_id: Uuid, attempt: u32, kind: &str, customer: &str, total: i64) -> Vec<u8> {
     json!({
         "saga_id": saga_id,
         "step": "charge_payment",
@@ -167,24 +167,15 @@ async fn an_operator_lists_dead_letters_without_consuming_them_and_replays_one()
     let order_id = Uuid::now_v7();
     let body = command(Uuid::now_v7(), order_id, 1, "action", "jack", 125);
     let message_id = Uuid::now_v7();
-    let mut headers = std::collections::BTreeMap::new();
-    headers.insert(HEADER_REASON.to_owned(), "redelivered 11 times".to_owned());
-    headers.insert("x-skald-original-exchange".to_owned(), COMMANDS_EXCHANGE.to_owned());
-    headers.insert("x-skald-original-routing-key".to_owned(), "payment".to_owned());
-    headers.insert("x-skald-original-queue".to_owned(), "skald.payment.commands".to_owned());
-    let publisher = skald_wire::amqp::Publisher::open(&conn).await.unwrap();
-    publisher
-        .publish_all(&[skald_wire::amqp::OutgoingMessage {
-            message_id,
-            exchange: skald_wire::contract::DLX_EXCHANGE.to_owned(),
-            routing_key: "skald.payment.commands".to_owned(),
-            message_type: "ChargePayment".to_owned(),
-            correlation_id: Uuid::nil(),
-            body,
-            headers,
-        }])
-        .await
-        .unwrap();
+    skald_tests::publish_dead_letter(
+        &conn,
+        message_id,
+        "payment",
+        "ChargePayment",
+        "redelivered 11 times",
+        body,
+    )
+    .await;
 
     let url = env.names.amqp_url();
     let (listed, more) = skald_tools::dlq::list(&url, 10).await.unwrap();

@@ -441,7 +441,11 @@ let refreshTimer = null;
 function scheduleRefresh(fn, ms) {
   clearTimeout(refreshTimer);
   const route = location.hash;
-  refreshTimer = setTimeout(() => { if (location.hash === route) fn(); }, ms);
+  refreshTimer = setTimeout(() => {
+    if (location.hash !== route) return;
+    renderCounters();
+    fn();
+  }, ms);
 }
 
 function render() {

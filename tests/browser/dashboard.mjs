@@ -3,7 +3,8 @@
 //   SKALD_URL        the coordinator, e.g. http://127.0.0.1:8080
 //   SKALD_SAGA_ID    a STUCK saga
 //   SKALD_TOKEN      the coordinator's ADMIN_TOKEN
-//   SKALD_SCREENSHOT where to save a screenshot (PNG)
+//   SKALD_SCREENSHOT where to save a screenshot of the list (PNG); one of
+//                    the saga page goes beside it, as NAME-saga.png
 //   CHROMIUM         the browser (default /usr/bin/chromium)
 // Exits 0 when every step passed; prints what failed otherwise.
 import { mkdtempSync, rmSync } from "node:fs";
@@ -83,6 +84,7 @@ try {
   step(`status now ${await page.locator("#saga-status").textContent()}`);
   await page.locator("#saga-status", { hasText: "COMPENSATED" }).waitFor({ timeout: 30_000 });
   await page.locator("#token-state", { hasText: "admin token set" }).waitFor();
+  await page.screenshot({ path: screenshot.replace(/\.png$/, "") + "-saga.png", fullPage: true });
 
   step("the dead-letter queue");
   await page.click('nav a[data-view="dead-letters"]');

@@ -57,11 +57,12 @@ impl Default for Setup {
 impl Setup {
     /// No payment participant and short deadlines: `charge_payment` times
     /// out, so its own refund must run too (unknown outcome), and that
-    /// refund times out until the saga is `STUCK` (within a few seconds).
+    /// refund times out until the saga is `STUCK` (within about 5 s). The
+    /// deadline leaves room for a loaded machine once payment is back.
     pub fn stuck_without_payment() -> Self {
         Self {
             participants: vec![Which::Order, Which::Inventory],
-            step_timeout_ms: 300,
+            step_timeout_ms: 1_000,
             step_max_attempts: 2,
             compensation_max_failures: 2,
             ..Self::default()

@@ -2,6 +2,8 @@
 //! generates requests from `GET /v1/openapi.json` (valid and invalid ones)
 //! and checks that no answer is a server error and every answer matches
 //! its documented schema. Needs schemathesis: `scripts/install-test-tools.sh`.
+//! `SCHEMATHESIS_MAX_EXAMPLES` (default 10) and `SCHEMATHESIS_MAX_TIME`
+//! (seconds, default 30) bound the run.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -39,6 +41,9 @@ async fn the_api_keeps_to_its_openapi_document() {
     std::fs::create_dir_all(&work).unwrap();
     let schema_url = env.url("/v1/openapi.json");
     let base_url = env.base_url.clone();
+    // Bounded so that the test takes under a minute; raise them for a deeper run.
+    let max_examples = std::env::var("SCHEMATHESIS_MAX_EXAMPLES").unwrap_or_else(|_| "10".to_owned());
+    let max_time = std::env::var("SCHEMATHESIS_MAX_TIME").unwrap_or_else(|_| "30".to_owned());
     println!("environment ready in {:.1?}", t0.elapsed());
     let started = Instant::now();
     let out = tokio::task::spawn_blocking(move || {
@@ -53,9 +58,9 @@ async fn the_api_keeps_to_its_openapi_document() {
                 "--checks",
                 "not_a_server_error,response_schema_conformance",
                 "--max-examples",
-                "10",
+                &max_examples,
                 "--max-time",
-                "30",
+                &max_time,
                 "--seed",
                 "20250101",
                 "--workers",

@@ -88,11 +88,18 @@ async fn dead_letters_are_browsed_over_http_and_replayed_by_an_operator_only() {
         (env.payments(order_id).await == vec![("CHARGED".to_owned(), 150)]).then_some(())
     })
     .await;
+    // The replayed letter is gone. (The payment's reply names a saga this
+    // coordinator never ran, so the coordinator may dead-letter that reply.)
     let (_, v) = env.get_json("/v1/dead-letters").await;
-    assert_eq!(
-        v["dead_letters"],
-        Value::Array(vec![]),
-        "replayed letters leave the queue"
+    let ids: Vec<&str> = v["dead_letters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["message_id"].as_str().unwrap())
+        .collect();
+    assert!(
+        !ids.contains(&message_id.to_string().as_str()),
+        "replayed letters leave the queue: {v}"
     );
     let (status, v, _) = post(&env, &base, &replay, Some(ADMIN_TOKEN)).await;
     assert_eq!((status, v["error"]["code"].as_str()), (404, Some("not_found")));
@@ -129,7 +136,10 @@ async fn the_participants_panel_and_readyz_show_queues_without_consumers() {
         settled.then_some(v)
     })
     .await;
-    assert_eq!(report["source"], "management_api", "{report}");
+    assert_eq!(
+        report["source"], "management_api",
+        "is the management plugin enabled? `rabbitmq-plugins enable rabbitmq_management`, as .ci/run does: {report}"
+    );
     let inventory = queue(&report, "inventory");
     assert_eq!(inventory["queue"], "skald.inventory.commands");
     assert_eq!(

@@ -320,15 +320,20 @@ async function renderSaga(id) {
         h("td", {}, s.data === undefined || s.data === null ? "" : h("details", {}, h("summary", {}, "show"), json(s.data))))))));
   const events = h("div", { class: "card" }, h("h3", {}, "Timeline (every attempt, oldest first)"), timeline(saga));
   const payload = h("div", { class: "card" }, h("h3", {}, "Payload (sent with every command)"), json(saga.payload));
-  const letters = h("div", { class: "card", id: "saga-dead-letters" }, h("h3", {}, "Dead letters of this saga"), h("p", { class: "muted" }, "Loading…"));
+  // On demand: browsing the dead-letter queue holds its letters for a moment.
+  const letters = h("div", { class: "card", id: "saga-dead-letters" }, h("h3", {}, "Dead letters of this saga"),
+    h("button", { type: "button", onclick: () => findLetters() }, "Search the dead-letter queue"));
+  const findLetters = async () => {
+    letters.lastChild.replaceWith(h("p", { class: "muted" }, "Searching…"));
+    try {
+      const dl = await api("/v1/dead-letters?limit=500");
+      const mine = dl.dead_letters.filter((l) => l.correlation_id === saga.saga_id);
+      letters.lastChild.replaceWith(mine.length ? deadLetterTable(mine) : h("p", { class: "muted" }, "None."));
+    } catch (err) {
+      letters.lastChild.replaceWith(failure(err));
+    }
+  };
   show(head, steps, events, payload, letters);
-  try {
-    const dl = await api("/v1/dead-letters?limit=500");
-    const mine = dl.dead_letters.filter((l) => l.correlation_id === saga.saga_id);
-    letters.lastChild.replaceWith(mine.length ? deadLetterTable(mine) : h("p", { class: "muted" }, "None."));
-  } catch (err) {
-    letters.lastChild.replaceWith(failure(err));
-  }
   if (saga.status === "RUNNING" || saga.status === "COMPENSATING") scheduleRefresh(() => renderSaga(id), 2000);
 }
 

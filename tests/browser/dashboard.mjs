@@ -84,6 +84,8 @@ try {
   step(`status now ${await page.locator("#saga-status").textContent()}`);
   await page.locator("#saga-status", { hasText: "COMPENSATED" }).waitFor({ timeout: 30_000 });
   await page.locator("#token-state", { hasText: "admin token set" }).waitFor();
+  await page.getByRole("button", { name: "Search the dead-letter queue" }).click();
+  await page.locator("#saga-dead-letters", { hasText: "None." }).waitFor();
   await page.screenshot({ path: screenshot.replace(/\.png$/, "") + "-saga.png", fullPage: true });
 
   step("the dead-letter queue");

@@ -327,10 +327,10 @@ async fn read_limited(body: Body, limit: usize) -> Result<Bytes, ApiError> {
     tag = "orders",
     params(("id" = Uuid, Path, description = "The order id.")),
     responses(
-        (status = 200, body = OrderView),
+        (status = 200, description = "The order.", body = OrderView),
         (status = 400, description = "The id is not a UUID.", body = ErrorBody),
-        (status = 404, body = ErrorBody),
-        (status = 503, body = ErrorBody),
+        (status = 404, description = "No such order or saga.", body = ErrorBody),
+        (status = 503, description = "PostgreSQL unreachable.", body = ErrorBody),
     )
 )]
 #[tracing::instrument(skip_all, fields(order_id = %id.0))]
@@ -351,10 +351,10 @@ async fn get_order(State(state): State<ApiState>, id: ApiPath) -> Result<Json<Or
     tag = "sagas",
     params(("id" = Uuid, Path, description = "The saga id.")),
     responses(
-        (status = 200, body = SagaView),
+        (status = 200, description = "The saga.", body = SagaView),
         (status = 400, description = "The id is not a UUID.", body = ErrorBody),
-        (status = 404, body = ErrorBody),
-        (status = 503, body = ErrorBody),
+        (status = 404, description = "No such order or saga.", body = ErrorBody),
+        (status = 503, description = "PostgreSQL unreachable.", body = ErrorBody),
     )
 )]
 #[tracing::instrument(skip_all, fields(saga_id = %id.0))]
@@ -427,9 +427,9 @@ struct SagaListQuery {
     tag = "sagas",
     params(SagaListQuery),
     responses(
-        (status = 200, body = SagaPage),
+        (status = 200, description = "One page of sagas.", body = SagaPage),
         (status = 400, description = "A parameter is invalid.", body = ErrorBody),
-        (status = 503, body = ErrorBody),
+        (status = 503, description = "PostgreSQL unreachable.", body = ErrorBody),
     )
 )]
 #[tracing::instrument(skip_all)]
@@ -472,7 +472,10 @@ async fn list_sagas(
     get,
     path = "/v1/stats",
     tag = "sagas",
-    responses((status = 200, body = SagaStats), (status = 503, body = ErrorBody))
+    responses(
+        (status = 200, description = "Counts by status.", body = SagaStats),
+        (status = 503, description = "PostgreSQL unreachable.", body = ErrorBody),
+    )
 )]
 #[tracing::instrument(skip_all)]
 async fn saga_stats(State(state): State<ApiState>) -> Result<Json<SagaStats>, ApiError> {
@@ -593,7 +596,7 @@ struct DeadLetterQuery {
     tag = "dead-letters",
     params(DeadLetterQuery),
     responses(
-        (status = 200, body = DeadLetterList),
+        (status = 200, description = "The letters, oldest first.", body = DeadLetterList),
         (status = 400, description = "A parameter is invalid.", body = ErrorBody),
         (status = 503, description = "RabbitMQ unreachable.", body = ErrorBody),
     )
@@ -623,7 +626,7 @@ async fn list_dead_letters(
     security(("bearer" = [])),
     params(("message_id" = String, Path, description = "The dead letter's AMQP message id.")),
     responses(
-        (status = 200, body = Replayed),
+        (status = 200, description = "Re-sent (confirmed by the broker) and removed.", body = Replayed),
         (status = 401, description = "Missing or wrong bearer token.", body = ErrorBody),
         (status = 403, description = "Operator actions are disabled (no ADMIN_TOKEN).", body = ErrorBody),
         (status = 404, description = "No dead letter has this message id.", body = ErrorBody),
@@ -653,7 +656,7 @@ async fn replay_dead_letter(
     path = "/v1/participants",
     tag = "participants",
     responses(
-        (status = 200, body = ParticipantsReport),
+        (status = 200, description = "One entry per participant queue.", body = ParticipantsReport),
         (status = 503, description = "RabbitMQ unreachable.", body = ErrorBody),
     )
 )]
@@ -668,7 +671,7 @@ async fn participants(State(state): State<ApiState>) -> Result<Json<Participants
 }
 
 /// The process is up.
-#[utoipa::path(get, path = "/healthz", tag = "health", responses((status = 200, body = Health)))]
+#[utoipa::path(get, path = "/healthz", tag = "health", responses((status = 200, description = "Up.", body = Health)))]
 async fn healthz() -> Json<Health> {
     Json(Health {
         status: "ok".to_owned(),

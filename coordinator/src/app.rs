@@ -17,6 +17,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::http::{ApiState, router};
 use crate::manager::{ReplyConsumer, Sweeper};
+use crate::participants::BrokerInspector;
 use crate::sagas::{Registry, order_saga};
 use crate::store::Store;
 
@@ -40,6 +41,10 @@ pub struct Config {
     pub database_url: String,
     #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     pub amqp_url: String,
+    /// RabbitMQ's management API for the participants panel (default
+    /// `http://<AMQP host>:15672`, with the AMQP URL's credentials).
+    #[arg(long, env = "AMQP_MANAGEMENT_URL", hide_env_values = true)]
+    pub amqp_management_url: Option<String>,
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub redis_url: String,
     #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:8080")]
@@ -132,6 +137,7 @@ pub struct Application {
     registry: Registry,
     faults: Faults,
     relay_wake: Arc<Notify>,
+    broker: BrokerInspector,
 }
 
 impl Application {
@@ -168,6 +174,12 @@ impl Application {
         let listener = tokio::net::TcpListener::bind(config.http_addr)
             .await
             .with_context(|| format!("cannot listen on {}", config.http_addr))?;
+        let broker = BrokerInspector::new(
+            &config.amqp_url,
+            config.amqp_management_url.as_deref(),
+            registry.participants(),
+        )
+        .context("participants panel")?;
         let relay_wake = Arc::new(Notify::new());
         let store = Store::new(pool, registry.clone(), relay_wake.clone(), faults.clone());
         Ok(Self {
@@ -177,6 +189,7 @@ impl Application {
             registry,
             faults,
             relay_wake,
+            broker,
         })
     }
 
@@ -247,6 +260,8 @@ impl Application {
             redis_url: c.redis_url.as_str().into(),
             admin_token: c.admin_token.as_deref().filter(|t| !t.is_empty()).map(Into::into),
             body_limit: c.body_limit,
+            broker: self.broker.clone(),
+            saga_types: self.registry.types().into(),
         };
         tracing::info!(addr = %self.listener.local_addr()?, "coordinator listening");
         let http_shutdown = shutdown.clone();

@@ -113,20 +113,32 @@ impl IdempotencyKey {
     }
 }
 
-/// `POST /v1/orders` as received (unchecked).
-#[derive(Debug, Clone, Deserialize)]
+/// `POST /v1/orders` as received (unchecked). The schema states the rules
+/// that [`NewOrder::parse`] enforces on each field; two more span fields:
+/// SKUs must differ, and the total (quantity times unit price, summed) must
+/// not exceed 1,000,000,000 cents.
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OrderRequest {
+    #[schema(pattern = "^[A-Za-z0-9._:-]{1,64}$", example = "c-1")]
     pub customer_id: String,
+    /// ISO 4217.
+    #[schema(pattern = "^[A-Z]{3}$", example = "EUR")]
     pub currency: String,
+    /// Distinct SKUs.
+    #[schema(min_items = 1, max_items = 100)]
     pub items: Vec<OrderLineRequest>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OrderLineRequest {
+    #[schema(pattern = "^[A-Za-z0-9._-]{1,64}$", example = "sku-1")]
     pub sku: String,
+    #[schema(minimum = 1, maximum = 10000, example = 2)]
     pub quantity: i64,
+    /// Price of one unit in the currency's minor unit.
+    #[schema(minimum = 0, maximum = 1000000000, example = 1250)]
     pub unit_price_cents: i64,
 }
 

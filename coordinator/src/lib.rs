@@ -6,7 +6,11 @@
 //!   and outbox rows in one transaction.
 //! - [`manager`]: the reply consumer and the timeout sweeper.
 //! - [`observe`]: metrics and trace spans of committed transitions.
-//! - [`http`]: the HTTP API.
+//! - [`http`]: the HTTP API; [`views`]: its response bodies; [`openapi`]:
+//!   the generated OpenAPI document's frame; [`dashboard`]: the operators'
+//!   web page (embedded HTML, CSS and JS).
+//! - [`dlq`]: browse and replay dead letters (API and `sagactl`).
+//! - [`participants`]: participant queues as RabbitMQ sees them.
 //! - [`app`]: configuration, start-up and graceful shutdown.
 //!
 //! Flow: `POST /v1/orders` -> [`store::Store::create_order`] (saga row +
@@ -16,11 +20,16 @@
 //! driven by [`manager::Sweeper`].
 
 pub mod app;
+pub mod dashboard;
+pub mod dlq;
 pub mod domain;
 pub mod http;
 pub mod manager;
 pub mod observe;
+pub mod openapi;
+pub mod participants;
 pub mod sagas;
 pub mod store;
+pub mod views;
 
 pub use app::{Application, Config};

@@ -46,6 +46,12 @@ impl Registry {
     pub fn get(&self, saga_type: &str) -> Option<&Arc<SagaDefinition>> {
         self.by_type.get(saga_type)
     }
+    /// The saga types, sorted.
+    pub fn types(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.by_type.keys().cloned().collect();
+        out.sort();
+        out
+    }
     /// Every participant some definition sends commands to (their queues are declared at start).
     pub fn participants(&self) -> Vec<String> {
         let mut out: Vec<String> = self

@@ -505,3 +505,48 @@ fn command_message(saga_id: Uuid, payload: &Value, c: &CommandSpec) -> OutgoingM
         headers: skald_wire::trace::command_headers(saga_id, &c.step, c.attempt, c.kind),
     }
 }
+
+/// Which sagas `GET /v1/sagas` lists, and in which order.
+#[derive(Debug, Clone, Default)]
+pub struct SagaFilter {
+    pub status: Option<SagaStatus>,
+    pub saga_type: Option<String>,
+    /// Created at or after.
+    pub created_after: Option<DateTime<Utc>>,
+    /// Created strictly before.
+    pub created_before: Option<DateTime<Utc>>,
+    /// Keyset cursor: the last id of the previous page.
+    pub after: Option<Uuid>,
+    /// Newest first (ids descending) instead of oldest first.
+    pub newest_first: bool,
+    pub limit: i64,
+}
+
+// Queries for the operators' views (HTTP API and dashboard).
+impl Store {
+    /// One page of sagas matching `f`, by id (ids are UUIDv7: time order).
+    pub async fn list_sagas_page(&self, f: &SagaFilter) -> Result<Vec<SagaRecord>> {
+        const OLDEST_FIRST: &str = "SELECT id, saga_type, status, state, payload, created_at, updated_at, finished_at
+             FROM sagas
+             WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR saga_type = $2)
+               AND ($3::timestamptz IS NULL OR created_at >= $3) AND ($4::timestamptz IS NULL OR created_at < $4)
+               AND ($5::uuid IS NULL OR id > $5)
+             ORDER BY id LIMIT $6";
+        const NEWEST_FIRST: &str = "SELECT id, saga_type, status, state, payload, created_at, updated_at, finished_at
+             FROM sagas
+             WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR saga_type = $2)
+               AND ($3::timestamptz IS NULL OR created_at >= $3) AND ($4::timestamptz IS NULL OR created_at < $4)
+               AND ($5::uuid IS NULL OR id < $5)
+             ORDER BY id DESC LIMIT $6";
+        let rows = sqlx::query(if f.newest_first { NEWEST_FIRST } else { OLDEST_FIRST })
+            .bind(f.status.map(SagaStatus::as_str))
+            .bind(f.saga_type.as_deref())
+            .bind(f.created_after)
+            .bind(f.created_before)
+            .bind(f.after)
+            .bind(f.limit)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(saga_record).collect()
+    }
+}

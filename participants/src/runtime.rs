@@ -502,11 +502,7 @@ impl<H: Handler> Runtime<H> {
     }
 
     /// One transaction in one database for commands with distinct lock resources.
-    async fn run_round(
-        &self,
-        pool: &PgPool,
-        batch: &[&Incoming<'_>],
-    ) -> Vec<Result<Processed, HandlerError>> {
+    async fn run_round(&self, pool: &PgPool, batch: &[&Incoming<'_>]) -> Vec<Result<Processed, HandlerError>> {
         if let [one] = batch {
             return vec![one.process_by(self).await];
         }

@@ -55,6 +55,20 @@ impl Default for Setup {
 }
 
 impl Setup {
+    /// No payment participant and short deadlines: `charge_payment` times
+    /// out, so its own refund must run too (unknown outcome), and that
+    /// refund times out until the saga is `STUCK` (within about 5 s). The
+    /// deadline leaves room for a loaded machine once payment is back.
+    pub fn stuck_without_payment() -> Self {
+        Self {
+            participants: vec![Which::Order, Which::Inventory],
+            step_timeout_ms: 1_000,
+            step_max_attempts: 2,
+            compensation_max_failures: 2,
+            ..Self::default()
+        }
+    }
+
     pub fn only(participant: Which) -> Self {
         Self {
             coordinator: false,
@@ -182,14 +196,7 @@ impl TestEnv {
             env.dbs.shards.prepare(pool, i).await.expect("order shards");
         }
         if setup.coordinator {
-            let app = skald_coordinator::Application::build(env.coordinator_config.clone())
-                .await
-                .expect("coordinator starts");
-            env.base_url = format!("http://{}", app.local_addr().expect("address"));
-            let token = env.shutdown.child_token();
-            env.tasks.push(tokio::spawn(async move {
-                app.run_until_stopped(token).await.expect("coordinator runs");
-            }));
+            env.base_url = env.start_coordinator(env.coordinator_config.clone()).await;
         } else {
             skald_wire::db::ensure_database(&env.coordinator_config.database_url)
                 .await
@@ -199,6 +206,20 @@ impl TestEnv {
             env.start_participant(which).await;
         }
         env
+    }
+
+    /// Starts one more coordinator on this test's databases and vhost, with
+    /// `config` (start from `self.coordinator_config`); returns its base URL.
+    pub async fn start_coordinator(&mut self, config: skald_coordinator::Config) -> String {
+        let app = skald_coordinator::Application::build(config)
+            .await
+            .expect("coordinator starts");
+        let base_url = format!("http://{}", app.local_addr().expect("address"));
+        let token = self.shutdown.child_token();
+        self.tasks.push(tokio::spawn(async move {
+            app.run_until_stopped(token).await.expect("coordinator runs");
+        }));
+        base_url
     }
 
     pub async fn start_participant(&mut self, which: Which) {
@@ -508,6 +529,46 @@ pub async fn publish_raw(ch: &Channel, exchange: &str, key: &str, message_type: 
         .await
         .expect("confirm");
     assert!(confirm.is_ack());
+}
+
+/// Publishes `body` to the dead-letter exchange as Skald's runtime does
+/// for a poison command of `participant` (reason and origin in headers).
+pub async fn publish_dead_letter(
+    conn: &Connection,
+    message_id: Uuid,
+    participant: &str,
+    message_type: &str,
+    reason: &str,
+    body: Vec<u8>,
+) {
+    use skald_wire::contract::{
+        COMMANDS_EXCHANGE, DLX_EXCHANGE, HEADER_ORIGINAL_EXCHANGE, HEADER_ORIGINAL_QUEUE, HEADER_ORIGINAL_ROUTING_KEY,
+        HEADER_REASON, command_queue,
+    };
+    let queue = command_queue(participant);
+    let headers = [
+        (HEADER_REASON, reason),
+        (HEADER_ORIGINAL_EXCHANGE, COMMANDS_EXCHANGE),
+        (HEADER_ORIGINAL_ROUTING_KEY, participant),
+        (HEADER_ORIGINAL_QUEUE, queue.as_str()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    let publisher = skald_wire::amqp::Publisher::open(conn).await.expect("publisher");
+    publisher
+        .publish_all(&[skald_wire::amqp::OutgoingMessage {
+            message_id,
+            exchange: DLX_EXCHANGE.to_owned(),
+            routing_key: queue.clone(),
+            message_type: message_type.to_owned(),
+            correlation_id: Uuid::nil(),
+            body,
+            headers,
+        }])
+        .await
+        .expect("dead letter published");
+    publisher.close().await;
 }
 
 /// Waits for `n` messages on `queue` (taking them off it); panics after `within`.

@@ -24,8 +24,8 @@ macro_rules! outln {
 }
 
 pub mod bench;
-#[doc(hidden)]
-pub mod dlq;
+/// The dead-letter queue (shared with the coordinator's HTTP API).
+pub use skald_coordinator::dlq;
 pub mod workload;
 
 pub fn write_line(args: fmt::Arguments<'_>) {

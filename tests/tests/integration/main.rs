@@ -6,4 +6,5 @@ mod load;
 mod locks;
 mod messaging;
 mod operator;
+mod ops;
 mod saga;

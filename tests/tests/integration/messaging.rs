@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 const WITHIN: Duration = Duration::from_secs(20);
 
-fn command(saga_id: Uuid, order_id: Uuid, attempt: u32, kind: &str, customer: &str, total: i64) -> Vec<u8> {
+pub(crate) fn command(saga_id: Uuid, order_id: Uuid, attempt: u32, kind: &str, customer: &str, total: i64) -> Vec<u8> {
     json!({
         "saga_id": saga_id,
         "step": "charge_payment",
@@ -167,44 +167,36 @@ async fn an_operator_lists_dead_letters_without_consuming_them_and_replays_one()
     let order_id = Uuid::now_v7();
     let body = command(Uuid::now_v7(), order_id, 1, "action", "jack", 125);
     let message_id = Uuid::now_v7();
-    let mut headers = std::collections::BTreeMap::new();
-    headers.insert(HEADER_REASON.to_owned(), "redelivered 11 times".to_owned());
-    headers.insert("x-skald-original-exchange".to_owned(), COMMANDS_EXCHANGE.to_owned());
-    headers.insert("x-skald-original-routing-key".to_owned(), "payment".to_owned());
-    headers.insert("x-skald-original-queue".to_owned(), "skald.payment.commands".to_owned());
-    let publisher = skald_wire::amqp::Publisher::open(&conn).await.unwrap();
-    publisher
-        .publish_all(&[skald_wire::amqp::OutgoingMessage {
-            message_id,
-            exchange: skald_wire::contract::DLX_EXCHANGE.to_owned(),
-            routing_key: "skald.payment.commands".to_owned(),
-            message_type: "ChargePayment".to_owned(),
-            correlation_id: Uuid::nil(),
-            body,
-            headers,
-        }])
-        .await
-        .unwrap();
+    skald_tests::publish_dead_letter(
+        &conn,
+        message_id,
+        "payment",
+        "ChargePayment",
+        "redelivered 11 times",
+        body,
+    )
+    .await;
 
     let url = env.names.amqp_url();
-    let listed = skald_tools::dlq::list(&url, 10).await.unwrap();
+    let (listed, more) = skald_tools::dlq::list(&url, 10).await.unwrap();
+    assert!(!more);
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].message_id, message_id.to_string());
     assert_eq!(listed[0].reason, "redelivered 11 times");
     assert_eq!(
-        skald_tools::dlq::list(&url, 10).await.unwrap().len(),
+        skald_tools::dlq::list(&url, 10).await.unwrap().0.len(),
         1,
         "listing consumes nothing"
     );
     assert!(env.payments(order_id).await.is_empty());
 
-    let replayed = skald_tools::dlq::replay(&url, &message_id.to_string()).await.unwrap();
+    let (replayed, _) = skald_tools::dlq::replay(&url, &message_id.to_string()).await.unwrap();
     assert_eq!(replayed.message_type, "ChargePayment");
     let reply = take_messages(&ch, REPLIES_QUEUE, 1, WITHIN).await;
     assert_eq!(reply[0].0["outcome"], "success");
     assert_eq!(env.payments(order_id).await, vec![("CHARGED".to_owned(), 125)]);
     assert!(
-        skald_tools::dlq::list(&url, 10).await.unwrap().is_empty(),
+        skald_tools::dlq::list(&url, 10).await.unwrap().0.is_empty(),
         "replayed letters leave the queue"
     );
     assert!(skald_tools::dlq::replay(&url, &message_id.to_string()).await.is_err());

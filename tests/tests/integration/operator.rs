@@ -9,16 +9,7 @@ const WITHIN: Duration = Duration::from_secs(30);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_compensation_that_keeps_failing_is_stuck_until_an_operator_retries_it() {
-    // No payment participant: charge_payment times out, so its own refund must
-    // run too (unknown outcome), and that refund times out until we give up.
-    let mut env = TestEnv::start(Setup {
-        participants: vec![Which::Order, Which::Inventory],
-        step_timeout_ms: 300,
-        step_max_attempts: 2,
-        compensation_max_failures: 2,
-        ..Setup::default()
-    })
-    .await;
+    let mut env = TestEnv::start(Setup::stuck_without_payment()).await;
     env.seed(&[("hank", 10_000)], &[("sku-1", 10)]).await;
     let (order_id, saga_id) = env.place_order(&order("hank", &[("sku-1", 1, 400)])).await;
 

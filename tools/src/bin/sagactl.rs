@@ -360,7 +360,7 @@ fn ms(d: chrono::TimeDelta) -> String {
 async fn dlq(amqp_url: &str, action: DlqAction) -> anyhow::Result<()> {
     match action {
         DlqAction::List { limit } => {
-            let letters = skald_tools::dlq::list(amqp_url, limit).await?;
+            let (letters, more) = skald_tools::dlq::list(amqp_url, limit).await?;
             if letters.is_empty() {
                 outln!("no dead letters");
             }
@@ -374,10 +374,18 @@ async fn dlq(amqp_url: &str, action: DlqAction) -> anyhow::Result<()> {
                     l.body
                 );
             }
+            if more {
+                outln!("(more in the queue: raise --limit)");
+            }
         }
         DlqAction::Replay { message_id } => {
-            let l = skald_tools::dlq::replay(amqp_url, &message_id).await?;
-            outln!("replayed {} ({}) to {}", l.message_id, l.message_type, l.original_queue);
+            let (l, new_id) = skald_tools::dlq::replay(amqp_url, &message_id).await?;
+            outln!(
+                "replayed {} ({}) to {} as {new_id}",
+                l.message_id,
+                l.message_type,
+                l.original_queue
+            );
         }
     }
     Ok(())

@@ -11,7 +11,6 @@ use anyhow::Context;
 use skald_engine::RetryPolicy;
 use skald_wire::amqp::{QueueType, Topology};
 use skald_wire::faults::Faults;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -136,7 +135,7 @@ pub struct Application {
     store: Store,
     registry: Registry,
     faults: Faults,
-    relay_wake: Arc<Notify>,
+    handoff: Arc<skald_wire::outbox::Handoff>,
     broker: BrokerInspector,
 }
 
@@ -180,15 +179,15 @@ impl Application {
             registry.participants(),
         )
         .context("participants panel")?;
-        let relay_wake = Arc::new(Notify::new());
-        let store = Store::new(pool, registry.clone(), relay_wake.clone(), faults.clone());
+        let handoff = skald_wire::outbox::Handoff::new();
+        let store = Store::new(pool, registry.clone(), handoff.clone(), faults.clone());
         Ok(Self {
             config,
             listener,
             store,
             registry,
             faults,
-            relay_wake,
+            handoff,
             broker,
         })
     }
@@ -217,7 +216,7 @@ impl Application {
                 name: "skald-coordinator-relay".to_owned(),
                 topology: topology.clone(),
                 participants: self.registry.participants(),
-                wake: self.relay_wake.clone(),
+                handoff: self.handoff.clone(),
                 batch_size: c.relay_batch,
                 poll_interval: Duration::from_millis(c.relay_poll_ms),
                 faults: self.faults.clone(),

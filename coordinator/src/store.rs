@@ -14,8 +14,8 @@ use skald_engine::{Applied, CommandSpec, Ctx, EngineError, Event, SagaDefinition
 use skald_wire::amqp::OutgoingMessage;
 use skald_wire::contract::{COMMANDS_EXCHANGE, CommandEnvelope};
 use skald_wire::faults::Faults;
+use skald_wire::outbox::Handoff;
 use sqlx::{PgConnection, PgPool, Row};
-use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::domain::{IdempotencyKey, NewOrder};
@@ -110,7 +110,8 @@ pub struct Store {
     pool: PgPool,
     registry: Registry,
     /// Wakes the outbox relay after a commit that wrote commands.
-    relay_wake: Arc<Notify>,
+    /// The outbox rows this process commits go to its relay.
+    handoff: Arc<Handoff>,
     faults: Faults,
 }
 
@@ -131,11 +132,11 @@ fn ctx() -> Ctx {
 }
 
 impl Store {
-    pub fn new(pool: PgPool, registry: Registry, relay_wake: Arc<Notify>, faults: Faults) -> Self {
+    pub fn new(pool: PgPool, registry: Registry, handoff: Arc<Handoff>, faults: Faults) -> Self {
         Self {
             pool,
             registry,
-            relay_wake,
+            handoff,
             faults,
         }
     }
@@ -189,8 +190,8 @@ impl Store {
                  SELECT $8, $1, $9, $10, $11, $12, $7 FROM go),
              first_command AS (",
             skald_wire::outbox_unnest!(15, 16, 17, 18, 19, 20, 21),
-            " WHERE EXISTS (SELECT 1 FROM go) RETURNING 1)
-             SELECT EXISTS (SELECT 1 FROM go) AS created"
+            " WHERE EXISTS (SELECT 1 FROM go) RETURNING id)
+             SELECT EXISTS (SELECT 1 FROM go) AS created, ARRAY (SELECT id FROM first_command) AS outbox"
         );
         let query = sqlx::query(statement)
             .bind(ids.saga_id)
@@ -207,12 +208,11 @@ impl Store {
             .bind(serde_json::to_value(&order.items)?)
             .bind(key.map(IdempotencyKey::as_str))
             .bind(request_hash);
-        let created: bool = skald_wire::outbox::Columns::new(&messages)?
+        let row = skald_wire::outbox::Columns::new(&messages)?
             .bind(query)
             .fetch_one(&self.pool)
-            .await?
-            .try_get("created")?;
-        if !created {
+            .await?;
+        if !row.try_get::<bool, _>("created")? {
             let key = key.ok_or_else(|| Error::Db(sqlx::Error::RowNotFound))?;
             let row = sqlx::query("SELECT request_hash, order_id, saga_id FROM idempotency_keys WHERE key = $1")
                 .bind(key.as_str())
@@ -266,9 +266,9 @@ impl Store {
                 },
             );
         }
-        let observed = self.persist(&mut tx, loaded.into_values().collect(), ctx.now).await?;
+        let (observed, outbox) = self.persist(&mut tx, loaded.into_values().collect(), ctx.now).await?;
         tx.commit().await?;
-        self.after_commit();
+        self.after_commit(&outbox);
         observed.record();
         Ok(verdicts)
     }
@@ -299,9 +299,9 @@ impl Store {
             sagas.push(saga);
         }
         let n = sagas.len();
-        let observed = self.persist(&mut tx, sagas, ctx.now).await?;
+        let (observed, outbox) = self.persist(&mut tx, sagas, ctx.now).await?;
         tx.commit().await?;
-        self.after_commit();
+        self.after_commit(&outbox);
         observed.record();
         Ok(n)
     }
@@ -318,9 +318,9 @@ impl Store {
         let ctx = ctx();
         let t = skald_engine::apply(&saga.def, saga.state.clone(), event, ctx)?;
         absorb(&mut saga, t);
-        let observed = self.persist(&mut tx, vec![saga], ctx.now).await?;
+        let (observed, outbox) = self.persist(&mut tx, vec![saga], ctx.now).await?;
         tx.commit().await?;
-        self.after_commit();
+        self.after_commit(&outbox);
         observed.record();
         self.saga(saga_id).await?.ok_or(Error::SagaNotFound(saga_id))
     }
@@ -408,11 +408,16 @@ impl Store {
 
     /// Writes the changed sagas and their commands, in the caller's transaction.
     /// Returns what they did, to record after the commit.
-    async fn persist(&self, tx: &mut PgConnection, sagas: Vec<Loaded>, now: DateTime<Utc>) -> Result<Observed> {
+    async fn persist(
+        &self,
+        tx: &mut PgConnection,
+        sagas: Vec<Loaded>,
+        now: DateTime<Utc>,
+    ) -> Result<(Observed, Vec<i64>)> {
         let changed: Vec<Loaded> = sagas.into_iter().filter(|s| s.changed).collect();
         let mut observed = Observed::default();
         if changed.is_empty() {
-            return Ok(observed);
+            return Ok((observed, Vec::new()));
         }
         let mut ids = Vec::with_capacity(changed.len());
         let mut statuses = Vec::with_capacity(changed.len());
@@ -444,13 +449,13 @@ impl Store {
         .bind(now)
         .execute(&mut *tx)
         .await?;
-        skald_wire::outbox::insert(tx, &messages).await?;
-        Ok(observed)
+        let outbox = skald_wire::outbox::insert(tx, &messages).await?;
+        Ok((observed, outbox))
     }
 
-    fn after_commit(&self) {
+    fn after_commit(&self, outbox: &[i64]) {
         self.faults.crash("crash_after_commit");
-        self.relay_wake.notify_one();
+        self.handoff.committed(outbox);
     }
 }
 

@@ -33,8 +33,8 @@ use skald_wire::contract::{
     CommandEnvelope, REPLIES_EXCHANGE, REPLIES_ROUTING_KEY, ReplyEnvelope, ReplyOutcome, command_queue,
 };
 use skald_wire::faults::Faults;
+use skald_wire::outbox::Handoff;
 use sqlx::{Acquire, PgConnection, PgPool, Row};
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -184,8 +184,8 @@ pub struct Runtime<H: Handler> {
     handler: Arc<H>,
     locks: Option<Locks>,
     config: RuntimeConfig,
-    /// Wakes this participant's relay after a reply is committed.
-    relay_wake: Arc<Notify>,
+    /// Replies this participant commits go to its relays.
+    handoff: Vec<Arc<Handoff>>,
 }
 
 impl<H: Handler> Clone for Runtime<H> {
@@ -195,7 +195,7 @@ impl<H: Handler> Clone for Runtime<H> {
             handler: self.handler.clone(),
             locks: self.locks.clone(),
             config: self.config.clone(),
-            relay_wake: self.relay_wake.clone(),
+            handoff: self.handoff.clone(),
         }
     }
 }
@@ -210,12 +210,13 @@ impl<H: Handler> Runtime<H> {
     /// A runtime over several databases, chosen per command by [`Handler::partition`].
     /// `pools` must not be empty.
     pub fn partitioned(pools: Vec<PgPool>, handler: H, locks: Option<Locks>, config: RuntimeConfig) -> Self {
+        let pool_count = pools.len();
         Self {
             pools,
             handler: Arc::new(handler),
             locks,
             config,
-            relay_wake: Arc::new(Notify::new()),
+            handoff: (0..pool_count).map(|_| Handoff::new()).collect(),
         }
     }
 
@@ -241,7 +242,7 @@ impl<H: Handler> Runtime<H> {
                     name: format!("skald-{participant}-relay-{i}"),
                     topology: self.config.topology.clone(),
                     participants: vec![participant.to_owned()],
-                    wake: self.relay_wake.clone(),
+                    handoff: self.handoff[i].clone(),
                     batch_size: self.config.relay_batch,
                     poll_interval: self.config.relay_poll,
                     faults: self.config.faults.clone(),
@@ -425,22 +426,19 @@ impl<H: Handler> Runtime<H> {
     /// reply in the outbox. Returns an error only when nothing could be
     /// stored (then the command must be redelivered) or the message is bad.
     pub async fn process(&self, command: &CommandEnvelope, message_type: &str) -> Result<Processed, HandlerError> {
-        let pool = self.pool_for(command)?;
+        let part = self.partition_of(command)?;
         let guard = match self.lock_for(command).await {
             Ok(g) => g,
-            Err(e) if e.is_transient() => return self.retryable(pool, command, &e).await,
+            Err(e) if e.is_transient() => return self.retryable(part, command, &e).await,
             Err(e) => return Err(e),
         };
         let result = self
-            .execute(pool, command, message_type, guard.as_ref().map(|g| g.fence))
+            .execute(part, command, message_type, guard.as_ref().map(|g| g.fence))
             .await;
         self.release(guard.iter()).await;
         match result {
-            Ok(p) => {
-                self.relay_wake.notify_one();
-                Ok(p)
-            }
-            Err(e) if e.is_transient() => self.retryable(pool, command, &e).await,
+            Ok(p) => Ok(p),
+            Err(e) if e.is_transient() => self.retryable(part, command, &e).await,
             Err(e) => Err(e),
         }
     }
@@ -489,7 +487,7 @@ impl<H: Handler> Runtime<H> {
                     continue;
                 }
                 let batch: Vec<&Incoming<'_>> = members.iter().map(|&i| &commands[i]).collect();
-                let results = self.run_round(&self.pools[p], &batch).await;
+                let results = self.run_round(p, &batch).await;
                 for (i, r) in members.into_iter().zip(results) {
                     outcomes[i] = Some(r);
                 }
@@ -502,7 +500,7 @@ impl<H: Handler> Runtime<H> {
     }
 
     /// One transaction in one database for commands with distinct lock resources.
-    async fn run_round(&self, pool: &PgPool, batch: &[&Incoming<'_>]) -> Vec<Result<Processed, HandlerError>> {
+    async fn run_round(&self, part: usize, batch: &[&Incoming<'_>]) -> Vec<Result<Processed, HandlerError>> {
         if let [one] = batch {
             return vec![one.process_by(self).await];
         }
@@ -511,13 +509,10 @@ impl<H: Handler> Runtime<H> {
             .iter()
             .filter_map(|g| g.as_ref().ok().and_then(Option::as_ref))
             .collect();
-        let result = self.execute_batch(pool, batch, &guards).await;
+        let result = self.execute_batch(part, batch, &guards).await;
         self.release(held.into_iter()).await;
         match result {
-            Ok(outcomes) => {
-                self.relay_wake.notify_one();
-                outcomes
-            }
+            Ok(outcomes) => outcomes,
             Err(e) => {
                 tracing::warn!(error = %e, commands = batch.len(), "batch transaction failed; processing its commands one by one");
                 let mut outcomes = Vec::with_capacity(batch.len());
@@ -533,11 +528,11 @@ impl<H: Handler> Runtime<H> {
     /// (nothing was committed); per-command failures are in the `Ok` vector.
     async fn execute_batch(
         &self,
-        pool: &PgPool,
+        part: usize,
         batch: &[&Incoming<'_>],
         guards: &[Result<Option<LockGuard>, HandlerError>],
     ) -> Result<Vec<Result<Processed, HandlerError>>, HandlerError> {
-        let mut tx = pool.begin().await?;
+        let mut tx = self.pools[part].begin().await?;
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut replies = Vec::with_capacity(batch.len());
         for (incoming, guard) in batch.iter().zip(guards) {
@@ -574,10 +569,11 @@ impl<H: Handler> Runtime<H> {
                 Err(e) => outcomes.push(Err(e)),
             }
         }
-        skald_wire::outbox::insert(&mut tx, &replies).await?;
+        let outbox = skald_wire::outbox::insert(&mut tx, &replies).await?;
         self.config.faults.crash("crash_before_commit");
         tx.commit().await?;
         self.config.faults.crash("crash_after_commit");
+        self.handoff[part].committed(&outbox);
         Ok(outcomes)
     }
 
@@ -588,10 +584,6 @@ impl<H: Handler> Runtime<H> {
         } else {
             Err(HandlerError::BadPayload("partition out of range".to_owned()))
         }
-    }
-
-    fn pool_for(&self, command: &CommandEnvelope) -> Result<&PgPool, HandlerError> {
-        Ok(&self.pools[self.partition_of(command)?])
     }
 
     async fn lock_for(&self, command: &CommandEnvelope) -> Result<Option<LockGuard>, HandlerError> {
@@ -623,31 +615,32 @@ impl<H: Handler> Runtime<H> {
     /// Stores a `retryable` failure reply (nothing else changed).
     async fn retryable(
         &self,
-        pool: &PgPool,
+        part: usize,
         command: &CommandEnvelope,
         error: &HandlerError,
     ) -> Result<Processed, HandlerError> {
         let reply = self.retryable_reply(command, error);
-        let mut tx = pool.begin().await?;
-        skald_wire::outbox::insert(&mut tx, &[reply_message(&reply)]).await?;
+        let mut tx = self.pools[part].begin().await?;
+        let outbox = skald_wire::outbox::insert(&mut tx, &[reply_message(&reply)]).await?;
         tx.commit().await?;
-        self.relay_wake.notify_one();
+        self.handoff[part].committed(&outbox);
         Ok(Processed::Retryable(reply))
     }
 
     async fn execute(
         &self,
-        pool: &PgPool,
+        part: usize,
         command: &CommandEnvelope,
         message_type: &str,
         fence: Option<i64>,
     ) -> Result<Processed, HandlerError> {
-        let mut tx = pool.begin().await?;
+        let mut tx = self.pools[part].begin().await?;
         let processed = self.execute_in(&mut tx, command, message_type, fence).await?;
-        skald_wire::outbox::insert(&mut tx, &[reply_message(processed.reply())]).await?;
+        let outbox = skald_wire::outbox::insert(&mut tx, &[reply_message(processed.reply())]).await?;
         self.config.faults.crash("crash_before_commit");
         tx.commit().await?;
         self.config.faults.crash("crash_after_commit");
+        self.handoff[part].committed(&outbox);
         Ok(processed)
     }
 

@@ -5,16 +5,20 @@
 //! transaction. A crash between publish and delete re-sends the batch:
 //! receivers deduplicate (at-least-once delivery, exactly-once effect).
 //!
-//! The table is the truth; the in-process [`tokio::sync::Notify`] only wakes
-//! the relay early, and a poll interval covers rows written by other processes.
+//! The table is the truth. Writers hand the ids of the rows they committed
+//! to their process's relay ([`Handoff`]), which claims them by primary key
+//! at once; a periodic scan covers rows written by other processes or left
+//! by a crash.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use lapin::Connection;
 use sqlx::{PgConnection, PgPool, Row};
 use tokio::sync::Notify;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -110,15 +114,74 @@ impl Columns {
 }
 
 /// Writes `messages` to the outbox inside the caller's transaction.
-pub async fn insert(conn: &mut PgConnection, messages: &[OutgoingMessage]) -> Result<()> {
+/// Returns the rows' ids, for [`Handoff::committed`] after the commit.
+pub async fn insert(conn: &mut PgConnection, messages: &[OutgoingMessage]) -> Result<Vec<i64>> {
     if messages.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
-    Columns::new(messages)?
-        .bind(sqlx::query(outbox_unnest!(1, 2, 3, 4, 5, 6, 7)))
-        .execute(conn)
+    let ids = Columns::new(messages)?
+        .bind(sqlx::query_scalar(concat!(
+            outbox_unnest!(1, 2, 3, 4, 5, 6, 7),
+            " RETURNING id"
+        )))
+        .fetch_all(conn)
         .await?;
-    Ok(())
+    Ok(ids)
+}
+
+/// The ids of outbox rows this process committed, handed to its relay.
+///
+/// The relay claims handed-off rows by primary key. Only rows written by
+/// other processes, or left by a crash, need the periodic scan of the table
+/// in id order; that scan is slow on a queue table, whose head is full of
+/// dead tuples between two vacuums.
+#[derive(Debug, Default)]
+pub struct Handoff {
+    ids: Mutex<VecDeque<i64>>,
+    wake: Notify,
+}
+
+impl Handoff {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Call after the commit that wrote the rows `ids` (possibly none: it
+    /// still wakes the relay).
+    pub fn committed(&self, ids: &[i64]) {
+        if !ids.is_empty() {
+            self.queue().extend(ids);
+        }
+        self.wake.notify_one();
+    }
+
+    /// Up to `max` ids, oldest first.
+    fn take(&self, max: usize) -> Vec<i64> {
+        let mut queue = self.queue();
+        let n = queue.len().min(max);
+        queue.drain(..n).collect()
+    }
+
+    /// Ids whose batch failed go back to the front, to be tried first.
+    fn give_back(&self, ids: Vec<i64>) {
+        let mut queue = self.queue();
+        for id in ids.into_iter().rev() {
+            queue.push_front(id);
+        }
+    }
+
+    fn queue(&self) -> MutexGuard<'_, VecDeque<i64>> {
+        // A plain queue of ids: a panic elsewhere cannot leave it inconsistent.
+        self.ids.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Which rows a relay batch claims.
+enum Claim {
+    /// Rows this process handed off.
+    Ids(Vec<i64>),
+    /// The oldest rows, whoever wrote them.
+    Oldest,
 }
 
 /// Rows waiting to be published (for `/readyz`, metrics and tests).
@@ -138,10 +201,10 @@ pub struct Relay {
     /// Command queues to declare before publishing, so nothing sent to a
     /// participant that has not started yet is dropped as unroutable.
     pub participants: Vec<String>,
-    /// Woken by writers after they commit outbox rows.
-    pub wake: Arc<Notify>,
+    /// Rows committed by this process, handed over by their writers.
+    pub handoff: Arc<Handoff>,
     pub batch_size: i64,
-    /// Fallback poll for rows written by other processes or left by a crash.
+    /// Interval of the scan for rows written by other processes or left by a crash.
     pub poll_interval: Duration,
     pub faults: Faults,
 }
@@ -151,6 +214,8 @@ impl Relay {
     pub async fn run(self, shutdown: CancellationToken) {
         let mut link: Option<(Connection, Publisher)> = None;
         let mut failures = 0u32;
+        let batch_size = usize::try_from(self.batch_size).unwrap_or(1).max(1);
+        let mut next_scan = Instant::now();
         while !shutdown.is_cancelled() {
             let usable = link.as_ref().is_some_and(|(_, p)| p.is_usable());
             if !usable {
@@ -178,20 +243,34 @@ impl Relay {
                 }
             }
             let Some((_, publisher)) = link.as_ref() else { continue };
-            match self.relay_batch(publisher).await {
+            let ids = self.handoff.take(batch_size);
+            let claim = if !ids.is_empty() {
+                Claim::Ids(ids)
+            } else if Instant::now() >= next_scan {
+                Claim::Oldest
+            } else {
+                tokio::select! {
+                    () = self.handoff.wake.notified() => {}
+                    () = tokio::time::sleep_until(next_scan) => {}
+                    () = shutdown.cancelled() => {}
+                }
+                continue;
+            };
+            let scan = matches!(claim, Claim::Oldest);
+            match self.relay_batch(publisher, &claim).await {
                 Ok(n) => {
                     failures = 0;
-                    if (n as i64) < self.batch_size {
-                        tokio::select! {
-                            () = self.wake.notified() => {}
-                            () = tokio::time::sleep(self.poll_interval) => {}
-                            () = shutdown.cancelled() => {}
-                        }
+                    // A full scan means a backlog: scan again at once.
+                    if scan && n < batch_size {
+                        next_scan = Instant::now() + self.poll_interval;
                     }
                 }
                 Err(e) => {
                     failures += 1;
                     tracing::warn!(error = %e, failures, "outbox relay batch failed; it stays in the outbox");
+                    if let Claim::Ids(ids) = claim {
+                        self.handoff.give_back(ids);
+                    }
                     if matches!(e, Error::Amqp(_)) {
                         link = None;
                     }
@@ -211,14 +290,23 @@ impl Relay {
     }
 
     /// Claims, publishes and deletes one batch. Returns how many rows it sent.
-    async fn relay_batch(&self, publisher: &Publisher) -> Result<usize> {
+    /// Rows another relay has claimed are skipped, never waited for.
+    async fn relay_batch(&self, publisher: &Publisher, claim: &Claim) -> Result<usize> {
         let mut tx = self.pool.begin().await?;
-        let rows = sqlx::query(
-            "DELETE FROM outbox WHERE id IN (
-                 SELECT id FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
-             RETURNING id, message_id, exchange, routing_key, message_type, correlation_id, headers, body",
-        )
-        .bind(self.batch_size)
+        let rows = match claim {
+            Claim::Ids(ids) => sqlx::query(
+                "DELETE FROM outbox WHERE id IN (
+                     SELECT id FROM outbox WHERE id = ANY($1) FOR UPDATE SKIP LOCKED)
+                 RETURNING id, message_id, exchange, routing_key, message_type, correlation_id, headers, body",
+            )
+            .bind(ids),
+            Claim::Oldest => sqlx::query(
+                "DELETE FROM outbox WHERE id IN (
+                     SELECT id FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
+                 RETURNING id, message_id, exchange, routing_key, message_type, correlation_id, headers, body",
+            )
+            .bind(self.batch_size),
+        }
         .fetch_all(&mut *tx)
         .await?;
         if rows.is_empty() {

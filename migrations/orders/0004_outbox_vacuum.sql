@@ -1,0 +1,7 @@
+-- The outbox is a queue whose rows live for milliseconds: vacuum it often,
+-- so that the relay's scan in id order does not wade through dead tuples.
+ALTER TABLE outbox SET (
+    autovacuum_vacuum_scale_factor = 0,
+    autovacuum_vacuum_threshold = 2000,
+    autovacuum_vacuum_cost_delay = 0
+);

@@ -227,7 +227,7 @@ impl Store {
                 saga_id: row.try_get("saga_id")?,
             }));
         }
-        self.after_commit();
+        self.after_commit(&row.try_get::<Vec<i64>, _>("outbox")?);
         crate::observe::saga_started(def.name(), &t.commands);
         tracing::info!(saga_id = %ids.saga_id, order_id = %ids.order_id, "saga started");
         Ok(Created::New(ids))

@@ -252,3 +252,91 @@ async fn replies_for_an_unknown_saga_or_step_are_dead_lettered_by_the_coordinato
     assert_eq!(env.saga(saga_id).await["status"], "RUNNING");
     env.stop().await;
 }
+
+/// Commands handled together in one batch transaction keep every guarantee
+/// of one-by-one handling: a duplicate has one effect and replays the stored
+/// reply, a compensation before its action leaves a tombstone that refuses
+/// the late action, and a business failure rolls back only its own changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_handled_in_one_batch_keep_the_barrier_and_roll_back_only_their_own_changes() {
+    use skald_participants::payment::PaymentParticipant;
+    use skald_participants::runtime::{Incoming, Processed, Runtime, RuntimeConfig};
+
+    let mut env = TestEnv::start(Setup::only(Which::Payment)).await;
+    env.seed(&[("gina", 1_000), ("hugo", 1_000), ("ivan", 100)], &[]).await;
+    let runtime = Runtime::new(
+        env.dbs.payments.clone(),
+        PaymentParticipant,
+        None,
+        RuntimeConfig {
+            amqp_url: env.names.amqp_url(),
+            topology: env.topology.clone(),
+            batch_max: 16,
+            prefetch: 16,
+            relay_batch: 16,
+            relay_poll: Duration::from_millis(200),
+            faults: skald_wire::faults::Faults::none(),
+            max_redeliveries: 10,
+        },
+    );
+    let (a, b, c) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    let (order_a, order_b, order_c) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    let parse =
+        |bytes: Vec<u8>| serde_json::from_slice::<skald_wire::contract::CommandEnvelope>(&bytes).expect("command");
+    let commands = [
+        (parse(command(a, order_a, 1, "action", "gina", 300)), "ChargePayment"),
+        (parse(command(a, order_a, 2, "action", "gina", 300)), "ChargePayment"),
+        (
+            parse(command(b, order_b, 1, "compensation", "hugo", 400)),
+            "RefundPayment",
+        ),
+        (parse(command(b, order_b, 1, "action", "hugo", 400)), "ChargePayment"),
+        (parse(command(c, order_c, 1, "action", "ivan", 500)), "ChargePayment"),
+    ];
+    let batch: Vec<Incoming<'_>> = commands
+        .iter()
+        .map(|(command, message_type)| Incoming {
+            command,
+            message_type,
+            span: tracing::Span::none(),
+        })
+        .collect();
+    let outcomes: Vec<Processed> = runtime
+        .process_batch(&batch)
+        .await
+        .into_iter()
+        .map(|o| o.expect("every command gets a reply"))
+        .collect();
+    let outcome = |i: usize| serde_json::to_value(outcomes[i].reply()).expect("reply");
+
+    assert!(matches!(outcomes[0], Processed::Executed(_)), "{:?}", outcomes[0]);
+    assert_eq!(outcome(0)["outcome"], "success");
+    assert!(
+        matches!(outcomes[1], Processed::Replayed(_)),
+        "the duplicate replays: {:?}",
+        outcomes[1]
+    );
+    assert_eq!(outcome(1)["outcome"], "success");
+    assert_eq!(outcome(1)["attempt"], 2, "with its own attempt number");
+    assert_eq!(env.balance("gina").await, 700, "charged once");
+    assert_eq!(env.payments(order_a).await, vec![("CHARGED".to_owned(), 300)]);
+
+    assert_eq!(
+        outcome(2)["data"]["noop"],
+        true,
+        "compensation before its action is a no-op"
+    );
+    assert_eq!(outcome(3)["outcome"], "failure", "the late action is refused");
+    assert_eq!(outcome(3)["retryable"], false);
+    assert_eq!(
+        env.balance("hugo").await,
+        1_000,
+        "the refused action's charge was rolled back"
+    );
+    assert!(env.payments(order_b).await.is_empty());
+
+    assert_eq!(outcome(4)["outcome"], "failure");
+    assert_eq!(outcome(4)["reason"], "insufficient_balance");
+    assert_eq!(env.balance("ivan").await, 100);
+    env.stop().await;
+}

@@ -60,7 +60,7 @@ struct Args {
     #[arg(long, default_value_t = 3000)]
     orders: usize,
     /// Orders in flight at once in the closed-loop phases (a new one is posted when one is final).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 256)]
     concurrency: usize,
     /// Orders of the warm-up (closed loop at --concurrency; 0 skips it).
     #[arg(long, default_value_t = 300)]
@@ -96,7 +96,7 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     in_flight: usize,
     /// POSTs at once in the in-flight phase.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 256)]
     in_flight_concurrency: usize,
     /// Deadline of each phase (every saga final), and of the start-up of the children.
     #[arg(long, default_value_t = 300)]

@@ -1,7 +1,7 @@
 //! Start-up and shutdown of one coordinator: `Application::build` connects
 //! and migrates (bounded retries), binds the listener; `run_until_stopped`
-//! runs the HTTP server, the outbox relay, the reply consumer and the
-//! sweeper until the token is cancelled, then drains them all.
+//! runs the HTTP server, the outbox relay, the reply consumer, the
+//! sweeper and the retention job until the token is cancelled, then drains them all.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,6 +17,7 @@ use tokio_util::task::TaskTracker;
 use crate::http::{ApiState, router};
 use crate::manager::{ReplyConsumer, Sweeper};
 use crate::participants::BrokerInspector;
+use crate::retention::Retention;
 use crate::sagas::{Registry, order_saga};
 use crate::store::Store;
 
@@ -104,6 +105,16 @@ pub struct Config {
     /// How often the outbox gauges of /metrics are sampled.
     #[arg(long, env = "METRICS_SAMPLE_MS", default_value_t = 5_000)]
     pub metrics_sample_ms: u64,
+    /// Age in seconds after which finished sagas (with their order, idempotency
+    /// keys and outbox rows) and redelivery counts are deleted; 0 disables retention.
+    #[arg(long, env = "RETENTION_SECS", default_value_t = 604_800)]
+    pub retention_secs: u64,
+    /// How often the retention job runs.
+    #[arg(long, env = "RETENTION_INTERVAL_MS", default_value_t = 60_000)]
+    pub retention_interval_ms: u64,
+    /// Sagas deleted in one transaction at most by the retention job.
+    #[arg(long, env = "RETENTION_BATCH", default_value_t = 1_000)]
+    pub retention_batch: i64,
 }
 
 impl Config {
@@ -252,6 +263,17 @@ impl Application {
             }
             .run(shutdown.child_token()),
         );
+        if c.retention_secs > 0 {
+            tasks.spawn(
+                Retention {
+                    pool: self.store.pool().clone(),
+                    interval: Duration::from_millis(c.retention_interval_ms.max(1)),
+                    age: Duration::from_secs(c.retention_secs),
+                    batch: c.retention_batch.max(1),
+                }
+                .run(shutdown.child_token()),
+            );
+        }
         tasks.close();
         let state = ApiState {
             store: self.store.clone(),

@@ -5,6 +5,7 @@
 //! - [`store`]: PostgreSQL store; applies the pure engine and writes state
 //!   and outbox rows in one transaction.
 //! - [`manager`]: the reply consumer and the timeout sweeper.
+//! - [`retention`]: deletes finished sagas and their rows after `RETENTION_SECS`.
 //! - [`observe`]: metrics and trace spans of committed transitions.
 //! - [`http`]: the HTTP API; [`views`]: its response bodies; [`openapi`]:
 //!   the generated OpenAPI document's frame; [`dashboard`]: the operators'
@@ -28,6 +29,7 @@ pub mod manager;
 pub mod observe;
 pub mod openapi;
 pub mod participants;
+pub mod retention;
 pub mod sagas;
 pub mod store;
 pub mod views;

@@ -14,6 +14,7 @@ use crate::inventory::InventoryParticipant;
 use crate::lock::Locks;
 use crate::order::{OrderParticipant, OrderStore, ShardMap};
 use crate::payment::PaymentParticipant;
+use crate::retention::Retention;
 use crate::runtime::{Runtime, RuntimeConfig};
 
 pub static ORDERS_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/orders");
@@ -100,6 +101,17 @@ pub struct Config {
     /// How often the outbox gauges of /metrics are sampled.
     #[arg(long, env = "METRICS_SAMPLE_MS", default_value_t = 5_000)]
     pub metrics_sample_ms: u64,
+    /// Age in seconds after which inbox rows (the barrier of handled commands)
+    /// and redelivery counts are deleted; 0 disables retention. It must exceed
+    /// any plausible redelivery delay of a command.
+    #[arg(long, env = "RETENTION_SECS", default_value_t = 604_800)]
+    pub retention_secs: u64,
+    /// How often the retention job runs.
+    #[arg(long, env = "RETENTION_INTERVAL_MS", default_value_t = 60_000)]
+    pub retention_interval_ms: u64,
+    /// Rows deleted in one transaction at most by the retention job.
+    #[arg(long, env = "RETENTION_BATCH", default_value_t = 1_000)]
+    pub retention_batch: i64,
 }
 
 #[derive(Debug, clap::Parser)]
@@ -189,6 +201,8 @@ pub struct Participant {
     /// Bound at build time, so that the address (port 0 in tests) is known before running.
     listener: tokio::net::TcpListener,
     sample_interval: Duration,
+    /// Retention age (None: disabled), interval and batch.
+    retention: Option<(Duration, Duration, i64)>,
 }
 
 enum Runtimes {
@@ -272,6 +286,13 @@ impl Participant {
             runtime,
             listener,
             sample_interval: Duration::from_millis(config.metrics_sample_ms.max(1)),
+            retention: (config.retention_secs > 0).then(|| {
+                (
+                    Duration::from_secs(config.retention_secs),
+                    Duration::from_millis(config.retention_interval_ms.max(1)),
+                    config.retention_batch.max(1),
+                )
+            }),
         })
     }
 
@@ -281,7 +302,7 @@ impl Participant {
     }
 
     /// Runs until `shutdown`: the runtime (consumer and reply relays), the
-    /// HTTP server and the outbox samplers; then drains them and closes the pools.
+    /// HTTP server, the outbox samplers and the retention jobs; then drains them and closes the pools.
     pub async fn run(self, shutdown: CancellationToken) {
         let name = runtime_name(self.which);
         let pools = self.runtime.pools();
@@ -296,6 +317,19 @@ impl Participant {
                 }
                 .run(shutdown.child_token()),
             );
+            if let Some((age, interval, batch)) = self.retention {
+                tasks.spawn(
+                    Retention {
+                        pool: pool.clone(),
+                        participant: name.to_owned(),
+                        database: i,
+                        interval,
+                        age,
+                        batch,
+                    }
+                    .run(shutdown.child_token()),
+                );
+            }
         }
         if let Ok(addr) = self.listener.local_addr() {
             tracing::info!(participant = name, %addr, "serving /metrics and /healthz");

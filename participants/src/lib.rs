@@ -7,6 +7,7 @@
 //!   logic ([`runtime::Handler`]s); [`payload`] is the order saga's payload.
 //! - [`seed`] and [`verify`]: seeding accounts and stock, checking the
 //!   invariants of DESIGN.md across the four databases (demo, tests, sagactl).
+//! - [`retention`]: deletes old inbox and redelivery rows.
 //! - [`app`]: configuration and start-up of a participant process.
 //! - [`http`]: `/healthz` and `/metrics`.
 //!
@@ -21,6 +22,7 @@ pub mod lock;
 pub mod order;
 pub mod payload;
 pub mod payment;
+pub mod retention;
 pub mod runtime;
 pub mod seed;
 pub mod verify;

@@ -459,6 +459,8 @@ fn coordinator_config(names: &Names, setup: &Setup) -> skald_coordinator::Config
     c.admin_token = Some(ADMIN_TOKEN.to_owned());
     c.startup_retries = 2;
     c.metrics_sample_ms = 100;
+    // Tests backdate rows by hand and run retention passes themselves.
+    c.retention_secs = 0;
     c
 }
 
@@ -479,6 +481,8 @@ fn participant_config(names: &Names, shards: u32, order_databases: u32) -> Parti
     c.startup_retries = 2;
     c.http_addr = Some("127.0.0.1:0".parse().expect("addr"));
     c.metrics_sample_ms = 100;
+    // Tests backdate rows by hand and run retention passes themselves.
+    c.retention_secs = 0;
     c
 }
 

@@ -7,4 +7,5 @@ mod locks;
 mod messaging;
 mod operator;
 mod ops;
+mod retention;
 mod saga;

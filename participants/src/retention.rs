@@ -62,33 +62,20 @@ pub struct Retention {
 impl Retention {
     #[tracing::instrument(name = "retention", skip_all, fields(participant = %self.participant, database = self.database))]
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut failures = 0u32;
-        while !shutdown.is_cancelled() {
-            let wait = match self.purge(Some(&shutdown)).await {
-                Ok(d) => {
-                    failures = 0;
-                    if d.total() > 0 {
-                        tracing::info!(
-                            inbox = d.inbox,
-                            redeliveries = d.redeliveries,
-                            "retention deleted old rows"
-                        );
-                    } else {
-                        tracing::debug!("retention found nothing to delete");
-                    }
-                    self.interval
-                }
-                Err(e) => {
-                    failures += 1;
-                    tracing::warn!(error = %e, failures, "retention pass failed");
-                    Duration::from_millis((100u64 << failures.min(5)).min(3_000))
-                }
-            };
-            tokio::select! {
-                () = tokio::time::sleep(wait) => {}
-                () = shutdown.cancelled() => {}
+        skald_wire::shutdown::every("retention pass", self.interval, &shutdown, || async {
+            let d = self.purge(Some(&shutdown)).await?;
+            if d.total() > 0 {
+                tracing::info!(
+                    inbox = d.inbox,
+                    redeliveries = d.redeliveries,
+                    "retention deleted old rows"
+                );
+            } else {
+                tracing::debug!("retention found nothing to delete");
             }
-        }
+            Ok::<(), Error>(())
+        })
+        .await;
         tracing::info!("retention stopped");
     }
 

@@ -9,8 +9,13 @@
 //!   (an attempt timed out);
 //! - compensations are retried until they succeed; after the definition's
 //!   number of failures in a row the saga is `STUCK`;
-//! - a reply that is not for the attempt in flight (stale, duplicate, or for
-//!   a finished saga) changes nothing.
+//! - a definitive reply (success, business failure; a compensation's
+//!   success) from an earlier attempt of the step being run settles the step:
+//!   the participant's barrier gives every attempt of a step the same answer,
+//!   so there is no need to wait for the attempt in flight or retry again;
+//! - any other reply that is not for the attempt in flight (transient
+//!   failure of an earlier attempt, duplicate, unknown attempt, another
+//!   step, a finished saga) changes nothing.
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -157,36 +162,53 @@ impl Machine<'_> {
     }
 
     fn on_reply(&mut self, index: usize, attempt: u32, kind: Kind, outcome: Outcome) -> Applied {
-        let expected_status = match kind {
-            Kind::Action => (SagaStatus::Running, StepStatus::Running),
-            Kind::Compensation => (SagaStatus::Compensating, StepStatus::Compensating),
+        let (saga_status, in_flight_status, waiting_status) = match kind {
+            Kind::Action => (SagaStatus::Running, StepStatus::Running, StepStatus::RetryWait),
+            Kind::Compensation => (
+                SagaStatus::Compensating,
+                StepStatus::Compensating,
+                StepStatus::CompensationWait,
+            ),
         };
         let step = &self.state.steps[index];
-        let in_flight = match kind {
+        let latest = match kind {
             Kind::Action => step.attempts.last(),
             Kind::Compensation => step.compensations.last(),
-        };
-        if self.state.status != expected_status.0
-            || self.state.cursor != index
-            || step.status != expected_status.1
-            || in_flight.map(|a| a.number) != Some(attempt)
-        {
+        }
+        .map(|a| a.number);
+        let Some(latest) = latest else {
             return Applied::Ignored("reply is not for the attempt in flight");
+        };
+        if self.state.status != saga_status || self.state.cursor != index {
+            return Applied::Ignored("reply is not for the attempt in flight");
+        }
+        let for_attempt_in_flight = step.status == in_flight_status && attempt == latest;
+        // Every attempt of a step meets the same barrier row, so a definitive
+        // answer from an earlier attempt is the answer any later attempt will
+        // get: it settles the step now instead of waiting for (or retrying
+        // after) the attempt in flight. This is what keeps a backlog from
+        // turning into a retry storm.
+        let definitive = match (kind, &outcome) {
+            (Kind::Action, Outcome::Success { .. }) => true,
+            (Kind::Action, Outcome::Failure { retryable, .. }) => !retryable,
+            (Kind::Compensation, Outcome::Success { .. }) => true,
+            (Kind::Compensation, Outcome::Failure { .. }) => false,
+        };
+        let settles_earlier = definitive
+            && (1..=latest).contains(&attempt)
+            && (step.status == waiting_status || (step.status == in_flight_status && attempt < latest));
+        if !for_attempt_in_flight && !settles_earlier {
+            return Applied::Ignored("reply is not for the attempt in flight");
+        }
+        if step.status == waiting_status {
+            // No attempt is in flight: the last one already ended (its record
+            // says how); the step's answer comes from the barrier instead.
+            return self.settle_from_waiting(index, kind, outcome);
         }
         match (kind, outcome) {
             (Kind::Action, Outcome::Success { data }) => {
                 self.finish_attempt(index, kind, AttemptOutcome::Succeeded);
-                let step = &mut self.state.steps[index];
-                step.status = StepStatus::Succeeded;
-                step.may_have_run = true;
-                step.failures_in_a_row = 0;
-                step.data = data;
-                if index + 1 < self.state.steps.len() {
-                    self.state.cursor = index + 1;
-                    self.send_action(index + 1);
-                } else {
-                    self.finish(SagaStatus::Completed);
-                }
+                self.action_succeeded(index, data);
             }
             (Kind::Action, Outcome::Failure { retryable, reason }) => {
                 self.finish_attempt(
@@ -206,15 +228,27 @@ impl Machine<'_> {
             }
             (Kind::Compensation, Outcome::Success { .. }) => {
                 self.finish_attempt(index, kind, AttemptOutcome::Succeeded);
-                let step = &mut self.state.steps[index];
-                step.status = StepStatus::Compensated;
-                step.failures_in_a_row = 0;
-                self.compensate_from(index);
+                self.compensation_succeeded(index);
             }
             (Kind::Compensation, Outcome::Failure { retryable, reason }) => {
                 self.finish_attempt(index, kind, AttemptOutcome::Failed { retryable, reason });
                 self.compensation_failed(index);
             }
+        }
+        Applied::Changed
+    }
+
+    /// A definitive answer for a step waiting out a backoff: as if the
+    /// attempt in flight had given it, without touching the records of the
+    /// attempts that already ended.
+    fn settle_from_waiting(&mut self, index: usize, kind: Kind, outcome: Outcome) -> Applied {
+        match (kind, outcome) {
+            (Kind::Action, Outcome::Success { data }) => self.action_succeeded(index, data),
+            (Kind::Action, Outcome::Failure { reason, .. }) => {
+                self.state.steps[index].status = StepStatus::Failed;
+                self.begin_compensation(index, format!("{}: {reason}", self.def.steps()[index].name));
+            }
+            (Kind::Compensation, _) => self.compensation_succeeded(index),
         }
         Applied::Changed
     }
@@ -274,6 +308,27 @@ impl Machine<'_> {
         self.state.steps[index].status = StepStatus::Failed;
         self.begin_compensation(index, format!("aborted: {reason}"));
         Ok(Applied::Changed)
+    }
+
+    fn action_succeeded(&mut self, index: usize, data: Value) {
+        let step = &mut self.state.steps[index];
+        step.status = StepStatus::Succeeded;
+        step.may_have_run = true;
+        step.failures_in_a_row = 0;
+        step.data = data;
+        if index + 1 < self.state.steps.len() {
+            self.state.cursor = index + 1;
+            self.send_action(index + 1);
+        } else {
+            self.finish(SagaStatus::Completed);
+        }
+    }
+
+    fn compensation_succeeded(&mut self, index: usize) {
+        let step = &mut self.state.steps[index];
+        step.status = StepStatus::Compensated;
+        step.failures_in_a_row = 0;
+        self.compensate_from(index);
     }
 
     fn action_failed_transiently(&mut self, index: usize, reason: String) {

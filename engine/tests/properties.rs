@@ -457,17 +457,28 @@ impl Sim {
         Ok(())
     }
 
+    /// What a participant can say to `cmd` (compensations made to fail fail).
+    fn can_say(&self, cmd: &CommandSpec, said: Said) -> Said {
+        match (cmd.kind, said) {
+            (Kind::Compensation, Said::Success) if self.compensations_fail => Said::TransientFailure,
+            _ => said,
+        }
+    }
+
     /// The participant answers the command in flight.
     fn answer(&mut self, said: Said) -> Result<(), TestCaseError> {
         let Some(k) = self.in_flight else {
             return Ok(());
         };
+        self.settle(k, said)
+    }
+
+    /// The reply to `issued[k]` that the engine must act on: the one in
+    /// flight, or a definitive one from an earlier attempt of the same step.
+    fn settle(&mut self, k: usize, said: Said) -> Result<(), TestCaseError> {
         let cmd = self.issued[k].cmd.clone();
         let i = self.issued[k].index;
-        let said = match (cmd.kind, said) {
-            (Kind::Compensation, Said::Success) if self.compensations_fail => Said::TransientFailure,
-            _ => said,
-        };
+        let said = self.can_say(&cmd, said);
         let event = reply_to(&cmd, said);
         let sent = self.apply_changed(event.clone())?;
         self.in_flight = None;
@@ -547,15 +558,34 @@ impl Sim {
         self.expect_ignored(self.replies[pick.index(self.replies.len())].clone())
     }
 
-    fn stale(&self, pick: &Index, said: Said) -> Result<(), TestCaseError> {
-        let stale: Vec<&Issued> = (0..self.issued.len())
-            .filter(|&k| Some(k) != self.in_flight)
-            .map(|k| &self.issued[k])
-            .collect();
+    fn stale(&mut self, pick: &Index, said: Said) -> Result<(), TestCaseError> {
+        let stale: Vec<usize> = (0..self.issued.len()).filter(|&k| Some(k) != self.in_flight).collect();
         if stale.is_empty() {
             return Ok(());
         }
-        self.expect_ignored(reply_to(&stale[pick.index(stale.len())].cmd, said))
+        let k = stale[pick.index(stale.len())];
+        let cmd = self.issued[k].cmd.clone();
+        let said = self.can_say(&cmd, said);
+        if self.settles(&cmd, said) {
+            return self.settle(k, said);
+        }
+        self.expect_ignored(reply_to(&cmd, said))
+    }
+
+    /// Whether a reply to an earlier attempt settles the step: it is
+    /// definitive (the barrier gives every attempt of a step the same
+    /// definitive answer) and for the phase the current step is in.
+    fn settles(&self, cmd: &CommandSpec, said: Said) -> bool {
+        let Some(i) = self.def.step_index(&cmd.step) else {
+            return false;
+        };
+        if self.state.cursor != i {
+            return false;
+        }
+        match cmd.kind {
+            Kind::Action => self.state.status == SagaStatus::Running && !matches!(said, Said::TransientFailure),
+            Kind::Compensation => self.state.status == SagaStatus::Compensating && matches!(said, Said::Success),
+        }
     }
 
     fn unknown_attempt(&self, pick: &Index, compensation: bool, past: u32) -> Result<(), TestCaseError> {

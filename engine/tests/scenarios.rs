@@ -511,21 +511,19 @@ fn an_earlier_timeout_makes_a_later_business_failure_compensate_the_step() {
 }
 
 #[test]
-fn stale_reply_from_an_earlier_attempt_is_ignored() {
+fn stale_reply_that_settles_nothing_is_ignored() {
     let mut saga = SagaTest::given();
     saga.succeeds("create_order", 1);
     saga.tick_at_wake_at().expect(&[]);
-    // Attempt 1 timed out and answers during the backoff: too late.
-    saga.succeeds("charge_payment", 1).expect_ignored();
-    saga.fails("charge_payment", 1).expect_ignored();
+    // Attempt 1 timed out and fails transiently during the backoff: no news.
+    saga.fails_transiently("charge_payment", 1).expect_ignored();
     saga.tick_at_wake_at().expect(&[charge_payment(2)]);
 
-    // Attempt 1 answers late, after attempt 2 was sent: whatever it says.
-    saga.succeeds("charge_payment", 1).expect_ignored();
-    saga.fails("charge_payment", 1).expect_ignored();
+    // ... or after attempt 2 was sent.
     saga.fails_transiently("charge_payment", 1).expect_ignored();
     // A reply for an attempt that was never sent.
     saga.succeeds("charge_payment", 3).expect_ignored();
+    saga.succeeds("charge_payment", 0).expect_ignored();
     // A reply to the step already done, or to a step not started.
     saga.succeeds("create_order", 1).expect_ignored();
     saga.succeeds("reserve_stock", 1).expect_ignored();
@@ -533,6 +531,77 @@ fn stale_reply_from_an_earlier_attempt_is_ignored() {
     saga.compensated("create_order", 1).expect_ignored();
 
     saga.succeeds("charge_payment", 2).expect(&[reserve_stock(1)]);
+    // Attempt 1 answers after the step is done: too late, whatever it says.
+    saga.succeeds("charge_payment", 1).expect_ignored();
+    saga.fails("charge_payment", 1).expect_ignored();
+}
+
+#[test]
+fn an_earlier_attempts_success_settles_the_step_during_the_backoff() {
+    let mut saga = SagaTest::given();
+    saga.succeeds("create_order", 1);
+    saga.tick_at_wake_at().expect(&[]); // attempt 1 timed out
+    saga.succeeds("charge_payment", 1)
+        .expect(&[reserve_stock(1)])
+        .expect_status(SagaStatus::Running);
+    assert_eq!(
+        saga.action_outcomes("charge_payment"),
+        vec![Some(AttemptOutcome::TimedOut)],
+        "no retry was sent, and attempt 1's record still says how it ended"
+    );
+    // The backoff's tick is gone: the deadline is reserve_stock's.
+    saga.tick().expect_ignored();
+}
+
+#[test]
+fn an_earlier_attempts_success_settles_the_step_while_a_retry_is_in_flight() {
+    let mut saga = SagaTest::given();
+    saga.succeeds("create_order", 1);
+    saga.tick_at_wake_at().expect(&[]);
+    saga.tick_at_wake_at().expect(&[charge_payment(2)]);
+    // The barrier gives attempt 2 the same answer: no need to wait for it.
+    saga.succeeds("charge_payment", 1).expect(&[reserve_stock(1)]);
+    assert_eq!(
+        saga.action_outcomes("charge_payment"),
+        vec![Some(AttemptOutcome::TimedOut), Some(AttemptOutcome::Succeeded)]
+    );
+    saga.succeeds("charge_payment", 2).expect_ignored();
+}
+
+#[test]
+fn an_earlier_attempts_business_failure_compensates_what_may_have_run() {
+    let mut saga = SagaTest::given();
+    saga.succeeds("create_order", 1);
+    saga.tick_at_wake_at().expect(&[]);
+    saga.tick_at_wake_at().expect(&[charge_payment(2)]);
+    // Attempt 1 timed out, so the step is compensated too (the barrier makes
+    // that refund a no-op).
+    saga.fails("charge_payment", 1)
+        .expect(&[refund_payment(1)])
+        .expect_status(SagaStatus::Compensating);
+    saga.fails("charge_payment", 2).expect_ignored();
+}
+
+#[test]
+fn an_earlier_compensations_success_settles_it() {
+    let mut saga = SagaTest::given();
+    saga.succeeds("create_order", 1);
+    saga.fails("charge_payment", 1).expect(&[cancel_order(1)]);
+    saga.tick_at_wake_at().expect(&[]); // cancel attempt 1 timed out
+    // A failure of attempt 1 says nothing new; its success settles the step.
+    saga.compensation_fails("create_order", 1).expect_ignored();
+    saga.compensated("create_order", 1)
+        .expect(&[])
+        .expect_status(SagaStatus::Compensated);
+
+    let mut saga = SagaTest::given();
+    saga.succeeds("create_order", 1);
+    saga.fails("charge_payment", 1).expect(&[cancel_order(1)]);
+    saga.tick_at_wake_at().expect(&[]);
+    saga.tick_at_wake_at().expect(&[cancel_order(2)]);
+    saga.compensated("create_order", 1)
+        .expect(&[])
+        .expect_status(SagaStatus::Compensated);
 }
 
 #[test]

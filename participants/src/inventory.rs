@@ -15,6 +15,10 @@ impl Handler for InventoryParticipant {
         "inventory"
     }
 
+    fn all_or_nothing(&self, message_type: &str) -> bool {
+        message_type == "ReserveStock"
+    }
+
     // Written out (not `async fn`) to promise `Send`: the runtime spawns handlers.
     #[allow(clippy::manual_async_fn)]
     fn handle<'a>(
@@ -33,42 +37,53 @@ impl Handler for InventoryParticipant {
     }
 }
 
+/// Reserves every line or none, in one statement: the lines short of stock
+/// (or unknown) are found first, and stock is taken and reservations are
+/// written only when there is none. A concurrent reservation that takes the
+/// stock in between makes the update break the `available >= 0` check: an
+/// error, so nothing is kept and the step is retried.
 async fn reserve(
     tx: &mut PgConnection,
     ctx: &CommandContext<'_>,
     order: &OrderPayload,
 ) -> Result<Handled, HandlerError> {
-    // SKUs in sorted order: concurrent reservations lock rows in the same order.
-    for (sku, quantity) in order.quantities() {
-        let taken = sqlx::query("UPDATE stock SET available = available - $2 WHERE sku = $1 AND available >= $2")
-            .bind(&sku)
-            .bind(quantity)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        if taken == 0 {
-            let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM stock WHERE sku = $1)")
-                .bind(&sku)
-                .fetch_one(&mut *tx)
-                .await?;
-            // The runtime rolls back the lines already taken.
-            return Ok(Handled::BusinessFailure(if exists {
-                format!("insufficient_stock: {sku}")
-            } else {
+    let (skus, quantities): (Vec<String>, Vec<i64>) = order.quantities().into_iter().unzip();
+    let short = sqlx::query(
+        "WITH want AS (
+             SELECT sku, quantity FROM unnest($1::text[], $2::bigint[]) AS w(sku, quantity)
+         ), short AS (
+             SELECT w.sku, s.sku IS NULL AS unknown
+             FROM want w LEFT JOIN stock s ON s.sku = w.sku
+             WHERE s.sku IS NULL OR s.available < w.quantity
+         ), taken AS (
+             UPDATE stock s SET available = s.available - w.quantity
+             FROM want w
+             WHERE s.sku = w.sku AND NOT EXISTS (SELECT 1 FROM short)
+             RETURNING s.sku, w.quantity
+         ), booked AS (
+             INSERT INTO reservations (order_id, saga_id, sku, quantity, status)
+             SELECT $3, $4, sku, quantity, 'RESERVED' FROM taken
+         )
+         SELECT sku, unknown FROM short ORDER BY sku LIMIT 1",
+    )
+    .bind(&skus)
+    .bind(&quantities)
+    .bind(order.order_id)
+    .bind(ctx.command.saga_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    Ok(match short {
+        None => Handled::Success(json!({"reserved_lines": skus.len()})),
+        Some(row) => {
+            let sku: String = row.try_get("sku")?;
+            let unknown: bool = row.try_get("unknown")?;
+            Handled::BusinessFailure(if unknown {
                 format!("unknown_sku: {sku}")
-            }));
+            } else {
+                format!("insufficient_stock: {sku}")
+            })
         }
-        sqlx::query(
-            "INSERT INTO reservations (order_id, saga_id, sku, quantity, status) VALUES ($1, $2, $3, $4, 'RESERVED')",
-        )
-        .bind(order.order_id)
-        .bind(ctx.command.saga_id)
-        .bind(&sku)
-        .bind(quantity)
-        .execute(&mut *tx)
-        .await?;
-    }
-    Ok(Handled::Success(json!({"reserved_lines": order.quantities().len()})))
+    })
 }
 
 async fn release(tx: &mut PgConnection, order: &OrderPayload) -> Result<Handled, HandlerError> {

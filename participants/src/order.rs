@@ -216,12 +216,46 @@ impl OrderStore {
         }
     }
 
+    /// PENDING -> APPROVED in one statement when the fence is newer; else
+    /// says why not (and writes nothing).
+    pub async fn approve(&self, tx: &mut PgConnection, id: Uuid, fence: i64) -> Result<Approval, HandlerError> {
+        let sql = format!(
+            "UPDATE {} SET status = 'APPROVED', fence = $2, updated_at = now()
+             WHERE id = $1 AND status = 'PENDING' AND fence < $2",
+            self.shards.table(id)
+        );
+        let n = sqlx::query(AssertSqlSafe(sql))
+            .bind(id)
+            .bind(fence)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if n == 1 {
+            return Ok(Approval::Approved);
+        }
+        match self.get_for_update(tx, id).await? {
+            Some((status, _)) if status != "PENDING" => Ok(Approval::Refused(format!("order is {status}"))),
+            Some((_, stored)) => {
+                skald_wire::metrics::fencing_rejected("order");
+                Err(HandlerError::StaleFence { given: fence, stored })
+            }
+            None => Ok(Approval::Refused("order not found".to_owned())),
+        }
+    }
+
     /// Status of an order (no lock), for tests and tools.
     pub async fn status(&self, pool: &PgPool, id: Uuid) -> Result<Option<(String, i64)>, sqlx::Error> {
         let sql = format!("SELECT status, fence FROM {} WHERE id = $1", self.shards.table(id));
         let row = sqlx::query(AssertSqlSafe(sql)).bind(id).fetch_optional(pool).await?;
         row.map(|r| Ok((r.try_get("status")?, r.try_get("fence")?))).transpose()
     }
+}
+
+/// What [`OrderStore::approve`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Approval {
+    Approved,
+    Refused(String),
 }
 
 pub struct OrderParticipant {
@@ -231,6 +265,10 @@ pub struct OrderParticipant {
 impl Handler for OrderParticipant {
     fn participant(&self) -> &'static str {
         "order"
+    }
+
+    fn all_or_nothing(&self, message_type: &str) -> bool {
+        matches!(message_type, "CreateOrder" | "ApproveOrder")
     }
 
     fn lock_resource(&self, command: &CommandEnvelope) -> Result<Option<String>, HandlerError> {
@@ -263,13 +301,9 @@ impl Handler for OrderParticipant {
                     self.store.set_status(tx, id, "CANCELLED", fence).await?;
                     Ok(Handled::Success(json!({"order_id": id, "status": "CANCELLED"})))
                 }
-                "ApproveOrder" => match self.store.get_for_update(tx, id).await? {
-                    Some((status, _)) if status == "PENDING" => {
-                        self.store.set_status(tx, id, "APPROVED", fence).await?;
-                        Ok(Handled::Success(json!({"order_id": id, "status": "APPROVED"})))
-                    }
-                    Some((status, _)) => Ok(Handled::BusinessFailure(format!("order is {status}"))),
-                    None => Ok(Handled::BusinessFailure("order not found".to_owned())),
+                "ApproveOrder" => match self.store.approve(tx, id, fence).await? {
+                    Approval::Approved => Ok(Handled::Success(json!({"order_id": id, "status": "APPROVED"}))),
+                    Approval::Refused(reason) => Ok(Handled::BusinessFailure(reason)),
                 },
                 other => Err(HandlerError::UnknownType(other.to_owned())),
             }

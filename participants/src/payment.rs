@@ -15,6 +15,10 @@ impl Handler for PaymentParticipant {
         "payment"
     }
 
+    fn all_or_nothing(&self, message_type: &str) -> bool {
+        message_type == "ChargePayment"
+    }
+
     // Written out (not `async fn`) to promise `Send`: the runtime spawns handlers.
     #[allow(clippy::manual_async_fn)]
     fn handle<'a>(
@@ -33,45 +37,45 @@ impl Handler for PaymentParticipant {
     }
 }
 
+/// Debits the balance and records the payment in one statement; on a
+/// refusal nothing is written.
 async fn charge(
     tx: &mut PgConnection,
     ctx: &CommandContext<'_>,
     order: &OrderPayload,
 ) -> Result<Handled, HandlerError> {
-    let debited = sqlx::query(
-        "UPDATE accounts SET balance_cents = balance_cents - $2
-         WHERE customer_id = $1 AND balance_cents >= $2 RETURNING balance_cents",
+    let charged = sqlx::query(
+        "WITH debit AS (
+             UPDATE accounts SET balance_cents = balance_cents - $2
+             WHERE customer_id = $1 AND balance_cents >= $2
+             RETURNING customer_id
+         )
+         INSERT INTO payments (order_id, saga_id, customer_id, amount_cents, currency, status)
+         SELECT $3, $4, customer_id, $2, $5, 'CHARGED' FROM debit",
     )
     .bind(&order.customer_id)
     .bind(order.total_cents)
-    .fetch_optional(&mut *tx)
-    .await?;
-    if debited.is_none() {
-        let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM accounts WHERE customer_id = $1)")
-            .bind(&order.customer_id)
-            .fetch_one(&mut *tx)
-            .await?;
-        return Ok(Handled::BusinessFailure(
-            if exists {
-                "insufficient_balance"
-            } else {
-                "unknown_customer"
-            }
-            .to_owned(),
-        ));
-    }
-    sqlx::query(
-        "INSERT INTO payments (order_id, saga_id, customer_id, amount_cents, currency, status)
-         VALUES ($1, $2, $3, $4, $5, 'CHARGED')",
-    )
     .bind(order.order_id)
     .bind(ctx.command.saga_id)
-    .bind(&order.customer_id)
-    .bind(order.total_cents)
     .bind(&order.currency)
     .execute(&mut *tx)
-    .await?;
-    Ok(Handled::Success(json!({"charged_cents": order.total_cents})))
+    .await?
+    .rows_affected();
+    if charged == 1 {
+        return Ok(Handled::Success(json!({"charged_cents": order.total_cents})));
+    }
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM accounts WHERE customer_id = $1)")
+        .bind(&order.customer_id)
+        .fetch_one(&mut *tx)
+        .await?;
+    Ok(Handled::BusinessFailure(
+        if exists {
+            "insufficient_balance"
+        } else {
+            "unknown_customer"
+        }
+        .to_owned(),
+    ))
 }
 
 async fn refund(tx: &mut PgConnection, order: &OrderPayload) -> Result<Handled, HandlerError> {

@@ -18,6 +18,7 @@
 //! the transaction back and replies `retryable: true`: the coordinator
 //! retries the step with backoff as a new attempt.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -69,6 +70,8 @@ pub enum HandlerError {
     Outbox(#[from] skald_wire::outbox::Error),
     #[error("stored reply is unreadable: {0}")]
     Json(#[from] serde_json::Error),
+    #[error("barrier row written by another transaction meanwhile; the batch is run again command by command")]
+    BarrierRace,
 }
 
 impl HandlerError {
@@ -107,6 +110,17 @@ pub trait Handler: Send + Sync + 'static {
     /// (its inbox, business rows and reply outbox). One database: always 0.
     fn partition(&self, _command: &CommandEnvelope) -> Result<usize, HandlerError> {
         Ok(0)
+    }
+
+    /// Whether `handle` for this message type is all-or-nothing: a
+    /// `BusinessFailure` leaves no change behind, and an error leaves nothing
+    /// that must be undone short of aborting the transaction (a single
+    /// statement, or writes that only happen once every check passed). The
+    /// runtime then runs the action without a savepoint and writes its
+    /// barrier row together with the batch's others. `false` (the default)
+    /// is always safe.
+    fn all_or_nothing(&self, _message_type: &str) -> bool {
+        false
     }
 
     /// Applies the command in `tx`. Errors roll everything back.
@@ -501,9 +515,6 @@ impl<H: Handler> Runtime<H> {
 
     /// One transaction in one database for commands with distinct lock resources.
     async fn run_round(&self, part: usize, batch: &[&Incoming<'_>]) -> Vec<Result<Processed, HandlerError>> {
-        if let [one] = batch {
-            return vec![one.process_by(self).await];
-        }
         let guards = futures::future::join_all(batch.iter().map(|c| self.lock_for(c.command))).await;
         let held: Vec<&LockGuard> = guards
             .iter()
@@ -526,6 +537,16 @@ impl<H: Handler> Runtime<H> {
 
     /// The batch transaction. `Err` means the transaction failed as a whole
     /// (nothing was committed); per-command failures are in the `Ok` vector.
+    ///
+    /// Actions whose handler is [all-or-nothing](Handler::all_or_nothing)
+    /// take the direct path: one query finds the barrier rows that already
+    /// exist (those commands get their stored reply), the others run their
+    /// handler with no savepoint, and one insert writes all their barrier
+    /// rows with their replies. If that insert finds a row another
+    /// transaction wrote meanwhile, or a handler fails, the whole batch is
+    /// rolled back and run again command by command on the savepoint path.
+    /// Everything else (compensations, other handlers) takes the savepoint
+    /// path ([`Self::execute_in`]) inside the same transaction.
     async fn execute_batch(
         &self,
         part: usize,
@@ -533,9 +554,24 @@ impl<H: Handler> Runtime<H> {
         guards: &[Result<Option<LockGuard>, HandlerError>],
     ) -> Result<Vec<Result<Processed, HandlerError>>, HandlerError> {
         let mut tx = self.pools[part].begin().await?;
+        let direct: Vec<bool> = batch
+            .iter()
+            .zip(guards)
+            .map(|(c, g)| c.command.kind == Kind::Action && g.is_ok() && self.handler.all_or_nothing(c.message_type))
+            .collect();
+        let direct_commands: Vec<&CommandEnvelope> = batch
+            .iter()
+            .zip(&direct)
+            .filter(|(_, d)| **d)
+            .map(|(c, _)| c.command)
+            .collect();
+        // Replies of the actions on the direct path, by (saga, step): stored
+        // ones first, then each one handled in this batch.
+        let mut known = stored_action_replies(&mut tx, &direct_commands).await?;
+        let mut fresh: Vec<(&CommandEnvelope, &str, ReplyEnvelope)> = Vec::new();
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut replies = Vec::with_capacity(batch.len());
-        for (incoming, guard) in batch.iter().zip(guards) {
+        for ((incoming, guard), direct) in batch.iter().zip(guards).zip(direct) {
             let Incoming {
                 command,
                 message_type,
@@ -546,28 +582,52 @@ impl<H: Handler> Runtime<H> {
                     Ok(g) => g.as_ref().map(|g| g.fence),
                     Err(e) if e.is_transient() => {
                         let reply = self.retryable_reply(command, e);
-                        return Ok((reply_message(&reply), Processed::Retryable(reply)));
+                        return Ok(Ok(Processed::Retryable(reply)));
                     }
-                    Err(e) => return Err(HandlerError::BadPayload(e.to_string())),
+                    Err(e) => return Ok(Err(HandlerError::BadPayload(e.to_string()))),
                 };
-                match self.execute_in(&mut tx, command, message_type, fence).await {
-                    Ok(p) => Ok((reply_message(p.reply()), p)),
-                    Err(e) if e.is_transient() => {
-                        let reply = self.retryable_reply(command, &e);
-                        Ok((reply_message(&reply), Processed::Retryable(reply)))
-                    }
-                    Err(e) => Err(e),
+                if !direct {
+                    return Ok(match self.execute_in(&mut tx, command, message_type, fence).await {
+                        Ok(p) => Ok(p),
+                        Err(e) if e.is_transient() => Ok(Processed::Retryable(self.retryable_reply(command, &e))),
+                        Err(e) => Err(e),
+                    });
                 }
+                if self.config.faults.transient() {
+                    let reply = self.retryable_reply(command, &HandlerError::Injected);
+                    return Ok(Ok(Processed::Retryable(reply)));
+                }
+                let key = (command.saga_id, command.step.clone());
+                if let Some(stored) = known.get(&key) {
+                    return Ok(Ok(Processed::Replayed(ReplyEnvelope {
+                        attempt: command.attempt,
+                        ..stored.clone()
+                    })));
+                }
+                let ctx = CommandContext {
+                    command,
+                    message_type,
+                    fence,
+                };
+                let reply = match self.handler.handle(&mut tx, &ctx).await {
+                    Ok(Handled::Success(data)) => ReplyEnvelope::success(command, data),
+                    Ok(Handled::BusinessFailure(reason)) => ReplyEnvelope::failure(command, false, reason),
+                    // The transaction may be aborted: the batch goes the slow way.
+                    Err(e) => return Err(e),
+                };
+                known.insert(key, reply.clone());
+                fresh.push((command, message_type, reply.clone()));
+                Ok(Ok(Processed::Executed(reply)))
             }
             .instrument(span.clone())
-            .await;
-            match outcome {
-                Ok((reply, processed)) => {
-                    replies.push(reply);
-                    outcomes.push(Ok(processed));
-                }
-                Err(e) => outcomes.push(Err(e)),
+            .await?;
+            if let Ok(processed) = &outcome {
+                replies.push(reply_message(processed.reply()));
             }
+            outcomes.push(outcome);
+        }
+        if record_all(&mut tx, &fresh).await? != fresh.len() as u64 {
+            return Err(HandlerError::BarrierRace);
         }
         let outbox = skald_wire::outbox::insert(&mut tx, &replies).await?;
         self.config.faults.crash("crash_before_commit");
@@ -796,6 +856,77 @@ async fn record(
     reply: &ReplyEnvelope,
 ) -> Result<bool, HandlerError> {
     claim(tx, command, message_type, command.kind, false, Some(reply)).await
+}
+
+/// The stored replies of these actions' barrier rows that exist, by (saga, step).
+async fn stored_action_replies(
+    tx: &mut PgConnection,
+    actions: &[&CommandEnvelope],
+) -> Result<HashMap<(Uuid, String), ReplyEnvelope>, HandlerError> {
+    if actions.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let sagas: Vec<Uuid> = actions.iter().map(|c| c.saga_id).collect();
+    let steps: Vec<&str> = actions.iter().map(|c| c.step.as_str()).collect();
+    let rows = sqlx::query(
+        "SELECT i.saga_id, i.step, i.reply FROM inbox i
+         JOIN unnest($1::uuid[], $2::text[]) AS k(saga_id, step) ON i.saga_id = k.saga_id AND i.step = k.step
+         WHERE i.kind = 'action'",
+    )
+    .bind(&sagas)
+    .bind(&steps)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut stored = HashMap::with_capacity(rows.len());
+    for row in rows {
+        let reply: Option<Value> = row.try_get("reply")?;
+        let reply = reply.ok_or_else(|| HandlerError::BadPayload("inbox row without a reply".to_owned()))?;
+        stored.insert(
+            (row.try_get("saga_id")?, row.try_get("step")?),
+            serde_json::from_value(reply)?,
+        );
+    }
+    Ok(stored)
+}
+
+/// Inserts the barrier rows of actions handled on the direct path, with
+/// their replies, in one statement. Returns how many were inserted: fewer
+/// than given means another transaction wrote one of them meanwhile.
+async fn record_all(
+    tx: &mut PgConnection,
+    rows: &[(&CommandEnvelope, &str, ReplyEnvelope)],
+) -> Result<u64, HandlerError> {
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let mut sagas = Vec::with_capacity(rows.len());
+    let mut steps = Vec::with_capacity(rows.len());
+    let mut attempts = Vec::with_capacity(rows.len());
+    let mut types = Vec::with_capacity(rows.len());
+    let mut replies = Vec::with_capacity(rows.len());
+    for (command, message_type, reply) in rows {
+        sagas.push(command.saga_id);
+        steps.push(command.step.as_str());
+        attempts.push(command.attempt as i32);
+        types.push(*message_type);
+        replies.push(serde_json::to_value(reply)?);
+    }
+    let inserted = sqlx::query(
+        "INSERT INTO inbox (saga_id, step, kind, attempt, message_type, tombstone, reply)
+         SELECT saga_id, step, 'action', attempt, message_type, false, reply
+         FROM unnest($1::uuid[], $2::text[], $3::int4[], $4::text[], $5::jsonb[])
+              AS r(saga_id, step, attempt, message_type, reply)
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(&sagas)
+    .bind(&steps)
+    .bind(&attempts)
+    .bind(&types)
+    .bind(&replies)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    Ok(inserted)
 }
 
 /// Hands a delivery back to the broker for another try.

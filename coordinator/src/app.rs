@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::http::{ApiState, router};
+use crate::intake::OrderIntake;
 use crate::manager::{ReplyConsumer, Sweeper};
 use crate::participants::BrokerInspector;
 use crate::retention::Retention;
@@ -58,6 +59,15 @@ pub struct Config {
     /// Replies applied in one transaction at most.
     #[arg(long, env = "REPLY_BATCH", default_value_t = 128)]
     pub reply_batch: usize,
+    /// How long a batch of replies (or the relay, of outbox rows) waits for
+    /// more once it has one: a little latency per hop for far fewer
+    /// transactions under moderate load. 0 never waits.
+    #[arg(long, env = "BATCH_LINGER_MS", default_value_t = 0)]
+    pub batch_linger_ms: u64,
+    /// New orders written by one statement (one commit) at most: the
+    /// `POST /v1/orders` requests waiting when the previous batch is done.
+    #[arg(long, env = "ORDER_BATCH", default_value_t = 64)]
+    pub order_batch: usize,
     /// Outbox rows published per batch.
     #[arg(long, env = "RELAY_BATCH", default_value_t = 256)]
     pub relay_batch: i64,
@@ -230,6 +240,7 @@ impl Application {
                 handoff: self.handoff.clone(),
                 batch_size: c.relay_batch,
                 poll_interval: Duration::from_millis(c.relay_poll_ms),
+                linger: Duration::from_millis(c.batch_linger_ms),
                 faults: self.faults.clone(),
             }
             .run(shutdown.child_token()),
@@ -242,6 +253,7 @@ impl Application {
                 participants: self.registry.participants(),
                 prefetch: c.reply_prefetch,
                 batch_max: c.reply_batch.max(1),
+                linger: Duration::from_millis(c.batch_linger_ms),
                 max_redeliveries: c.max_redeliveries,
             }
             .run(shutdown.child_token()),
@@ -274,9 +286,11 @@ impl Application {
                 .run(shutdown.child_token()),
             );
         }
+        let (intake, intake_task) = OrderIntake::spawn(self.store.clone(), c.order_batch);
         tasks.close();
         let state = ApiState {
             store: self.store.clone(),
+            intake,
             amqp_url: c.amqp_url.as_str().into(),
             redis_url: c.redis_url.as_str().into(),
             admin_token: c.admin_token.as_deref().filter(|t| !t.is_empty()).map(Into::into),
@@ -290,6 +304,10 @@ impl Application {
             .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
             .await
             .context("HTTP server")?;
+        // The server dropped the intake's senders: it writes what it took, then ends.
+        if let Err(e) = intake_task.await {
+            tracing::warn!(error = %e, "order intake ended abnormally");
+        }
         shutdown.cancel();
         tasks.wait().await;
         self.store.pool().close().await;

@@ -29,6 +29,7 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::domain::{IdempotencyKey, NewOrder, OrderRequest, ValidationError};
+use crate::intake::OrderIntake;
 use crate::participants::{BrokerInspector, PROBE_TIMEOUT, ParticipantsReport};
 use crate::store::{self, Created, SagaFilter, Store};
 use crate::views::{
@@ -41,6 +42,8 @@ use crate::{dashboard, dlq, openapi};
 #[derive(Clone)]
 pub struct ApiState {
     pub store: Store,
+    /// Writes new orders, many per commit.
+    pub intake: OrderIntake,
     /// Has credentials: never log it.
     pub amqp_url: Arc<str>,
     /// May have credentials: never log it.
@@ -285,7 +288,7 @@ async fn create_order(State(state): State<ApiState>, headers: HeaderMap, body: B
     // Hash of the parsed order: the same order with other whitespace is the same request.
     let canonical = serde_json::to_vec(&order).map_err(|e| ApiError::Internal(e.into()))?;
     let hash = hex::encode(Sha256::digest(&canonical));
-    let ids = match state.store.create_order(&order, key.as_ref(), &hash).await? {
+    let ids = match state.intake.create(order, key, hash).await? {
         Created::New(ids) | Created::Replayed(ids) => ids,
     };
     let location = format!("/v1/orders/{}", ids.order_id);

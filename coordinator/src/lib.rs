@@ -25,6 +25,7 @@ pub mod dashboard;
 pub mod dlq;
 pub mod domain;
 pub mod http;
+pub mod intake;
 pub mod manager;
 pub mod observe;
 pub mod openapi;

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions};
 use lapin::types::FieldTable;
@@ -25,6 +25,8 @@ pub struct ReplyConsumer {
     pub prefetch: u16,
     /// Replies applied in one PostgreSQL transaction at most.
     pub batch_max: usize,
+    /// How long a batch waits for more replies once it has one.
+    pub linger: Duration,
     /// Redeliveries after which a reply is dead-lettered as poison.
     pub max_redeliveries: i32,
 }
@@ -79,14 +81,11 @@ impl ReplyConsumer {
                 Some(d) => vec![d?],
                 None => return Ok(()),
             };
-            while batch.len() < self.batch_max {
-                match consumer.next().now_or_never() {
-                    Some(Some(Ok(d))) => batch.push(d),
-                    Some(Some(Err(e))) => return Err(e.into()),
-                    _ => break,
-                }
-            }
+            let lost = amqp::gather(&mut consumer, &mut batch, self.batch_max, self.linger).await;
             self.process(&batch, &dead_letters, shutdown).await?;
+            if let Some(e) = lost {
+                return Err(e.into());
+            }
         }
     }
 

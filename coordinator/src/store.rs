@@ -19,6 +19,7 @@ use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
 use crate::domain::{IdempotencyKey, NewOrder};
+use crate::intake::PendingOrder;
 use crate::observe::Observed;
 use crate::sagas::Registry;
 
@@ -40,12 +41,17 @@ pub enum Error {
     Engine(#[from] EngineError),
     #[error("stored saga state is unreadable: {0}")]
     CorruptState(#[from] serde_json::Error),
+    #[error("the coordinator is shutting down and takes no new orders")]
+    IntakeClosed,
 }
 
 impl Error {
     /// Worth retrying (the database may come back); the rest are permanent.
     pub fn is_transient(&self) -> bool {
-        matches!(self, Error::Db(_) | Error::Outbox(skald_wire::outbox::Error::Db(_)))
+        matches!(
+            self,
+            Error::Db(_) | Error::Outbox(skald_wire::outbox::Error::Db(_)) | Error::IntakeClosed
+        )
     }
 }
 
@@ -158,13 +164,7 @@ impl Store {
             order_id: Uuid::now_v7(),
             saga_id: Uuid::now_v7(),
         };
-        let payload = json!({
-            "order_id": ids.order_id,
-            "customer_id": order.customer_id,
-            "currency": order.currency,
-            "items": order.items,
-            "total_cents": order.total_cents,
-        });
+        let payload = order_payload(ids, order);
         let ctx = ctx();
         let t = skald_engine::start(&def, ctx);
         let messages: Vec<OutgoingMessage> = t
@@ -214,23 +214,140 @@ impl Store {
             .await?;
         if !row.try_get::<bool, _>("created")? {
             let key = key.ok_or_else(|| Error::Db(sqlx::Error::RowNotFound))?;
-            let row = sqlx::query("SELECT request_hash, order_id, saga_id FROM idempotency_keys WHERE key = $1")
-                .bind(key.as_str())
-                .fetch_one(&self.pool)
-                .await?;
-            let stored: String = row.try_get("request_hash")?;
-            if stored != request_hash {
-                return Err(Error::IdempotencyConflict(key.as_str().to_owned()));
-            }
-            return Ok(Created::Replayed(OrderRef {
-                order_id: row.try_get("order_id")?,
-                saga_id: row.try_get("saga_id")?,
-            }));
+            return self.replayed(key, request_hash).await;
         }
         self.after_commit(&row.try_get::<Vec<i64>, _>("outbox")?);
         crate::observe::saga_started(def.name(), &t.commands);
         tracing::info!(saga_id = %ids.saga_id, order_id = %ids.order_id, "saga started");
         Ok(Created::New(ids))
+    }
+
+    /// [`Self::create_order`] for many orders in one statement (group
+    /// commit); one result per order, in order. `Err` means nothing was
+    /// written, and the caller may write the orders one by one.
+    #[tracing::instrument(skip_all, fields(orders = orders.len()))]
+    pub async fn create_orders(&self, orders: &[PendingOrder]) -> Result<Vec<Result<Created>>> {
+        let def = self.definition("order")?;
+        let n = orders.len();
+        let mut refs = Vec::with_capacity(n);
+        let mut states = Vec::with_capacity(n);
+        let mut payloads = Vec::with_capacity(n);
+        let mut wake_ats = Vec::with_capacity(n);
+        let mut created_ats = Vec::with_capacity(n);
+        let mut items = Vec::with_capacity(n);
+        let mut messages = Vec::with_capacity(n);
+        let mut commands = Vec::with_capacity(n);
+        for p in orders {
+            let ids = OrderRef {
+                order_id: Uuid::now_v7(),
+                saga_id: Uuid::now_v7(),
+            };
+            let payload = order_payload(ids, &p.order);
+            let ctx = ctx();
+            let t = skald_engine::start(&def, ctx);
+            messages.extend(t.commands.iter().map(|c| command_message(ids.saga_id, &payload, c)));
+            states.push(serde_json::to_value(&t.state)?);
+            payloads.push(payload);
+            wake_ats.push(t.state.wake_at);
+            created_ats.push(ctx.now);
+            items.push(serde_json::to_value(&p.order.items)?);
+            commands.push(t.commands);
+            refs.push(ids);
+        }
+        let statement = "WITH input AS (
+                 SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::jsonb[], $4::jsonb[], $5::timestamptz[],
+                                      $6::timestamptz[], $7::text[], $8::text[], $9::int8[], $10::jsonb[],
+                                      $11::text[], $12::text[])
+                     AS i(saga_id, order_id, state, payload, wake_at, created_at, customer_id, currency,
+                          total_cents, items, key, request_hash)),
+             key AS (
+                 INSERT INTO idempotency_keys (key, request_hash, order_id, saga_id)
+                 SELECT key, request_hash, order_id, saga_id FROM input WHERE key IS NOT NULL
+                 ON CONFLICT (key) DO NOTHING RETURNING saga_id),
+             go AS (SELECT * FROM input WHERE key IS NULL OR saga_id IN (SELECT saga_id FROM key)),
+             saga AS (
+                 INSERT INTO sagas (id, saga_type, status, state, payload, wake_at, created_at, updated_at)
+                 SELECT saga_id, $13, $14, state, payload, wake_at, created_at, created_at FROM go),
+             ord AS (
+                 INSERT INTO orders (order_id, saga_id, customer_id, currency, total_cents, items, created_at)
+                 SELECT order_id, saga_id, customer_id, currency, total_cents, items, created_at FROM go),
+             first_command AS (
+                 INSERT INTO outbox (message_id, exchange, routing_key, message_type, correlation_id, headers, body)
+                 SELECT * FROM unnest($15::uuid[], $16::text[], $17::text[], $18::text[], $19::uuid[],
+                                      $20::jsonb[], $21::bytea[])
+                     AS o(message_id, exchange, routing_key, message_type, correlation_id, headers, body)
+                 WHERE o.correlation_id IN (SELECT saga_id FROM go)
+                 RETURNING id, correlation_id)
+             SELECT i.saga_id, EXISTS (SELECT 1 FROM go WHERE go.saga_id = i.saga_id) AS created,
+                    ARRAY (SELECT f.id FROM first_command f WHERE f.correlation_id = i.saga_id) AS outbox
+             FROM input i";
+        let query = sqlx::query(statement)
+            .bind(refs.iter().map(|r| r.saga_id).collect::<Vec<_>>())
+            .bind(refs.iter().map(|r| r.order_id).collect::<Vec<_>>())
+            .bind(states)
+            .bind(payloads)
+            .bind(wake_ats)
+            .bind(created_ats)
+            .bind(orders.iter().map(|p| p.order.customer_id.as_str()).collect::<Vec<_>>())
+            .bind(orders.iter().map(|p| p.order.currency.as_str()).collect::<Vec<_>>())
+            .bind(orders.iter().map(|p| p.order.total_cents.get()).collect::<Vec<_>>())
+            .bind(items)
+            .bind(
+                orders
+                    .iter()
+                    .map(|p| p.key.as_ref().map(IdempotencyKey::as_str))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(orders.iter().map(|p| p.request_hash.as_str()).collect::<Vec<_>>())
+            .bind(def.name())
+            .bind(SagaStatus::Running.as_str());
+        let rows = skald_wire::outbox::Columns::new(&messages)?
+            .bind(query)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut written: HashMap<Uuid, (bool, Vec<i64>)> = HashMap::with_capacity(rows.len());
+        for row in rows {
+            written.insert(
+                row.try_get("saga_id")?,
+                (row.try_get("created")?, row.try_get("outbox")?),
+            );
+        }
+        let mut outbox = Vec::with_capacity(messages.len());
+        let mut results = Vec::with_capacity(n);
+        for ((p, ids), commands) in orders.iter().zip(refs).zip(commands) {
+            match written.remove(&ids.saga_id) {
+                Some((true, rows)) => {
+                    outbox.extend(rows);
+                    crate::observe::saga_started(def.name(), &commands);
+                    tracing::info!(saga_id = %ids.saga_id, order_id = %ids.order_id, "saga started");
+                    results.push(Ok(Created::New(ids)));
+                }
+                // Its key was taken (by an earlier request, or one in this batch).
+                Some((false, _)) => results.push(match &p.key {
+                    Some(key) => self.replayed(key, &p.request_hash).await,
+                    None => Err(Error::Db(sqlx::Error::RowNotFound)),
+                }),
+                None => results.push(Err(Error::Db(sqlx::Error::RowNotFound))),
+            }
+        }
+        self.after_commit(&outbox);
+        Ok(results)
+    }
+
+    /// The order an earlier request with this key created, if the request is the same.
+    async fn replayed(&self, key: &IdempotencyKey, request_hash: &str) -> Result<Created> {
+        let row = sqlx::query("SELECT request_hash, order_id, saga_id FROM idempotency_keys WHERE key = $1")
+            .bind(key.as_str())
+            .fetch_one(&self.pool)
+            .await?;
+        let stored: String = row.try_get("request_hash")?;
+        if stored != request_hash {
+            return Err(Error::IdempotencyConflict(key.as_str().to_owned()));
+        }
+        Ok(Created::Replayed(OrderRef {
+            order_id: row.try_get("order_id")?,
+            saga_id: row.try_get("saga_id")?,
+        }))
     }
 
     /// Applies a batch of replies in one transaction. Returns a verdict per reply, in order.
@@ -491,6 +608,17 @@ fn saga_record(row: &sqlx::postgres::PgRow) -> Result<SagaRecord> {
 }
 
 /// The AMQP message of one command.
+/// The payload every command of an order saga carries.
+fn order_payload(ids: OrderRef, order: &NewOrder) -> Value {
+    json!({
+        "order_id": ids.order_id,
+        "customer_id": order.customer_id,
+        "currency": order.currency,
+        "items": order.items,
+        "total_cents": order.total_cents,
+    })
+}
+
 fn command_message(saga_id: Uuid, payload: &Value, c: &CommandSpec) -> OutgoingMessage {
     let envelope = CommandEnvelope {
         saga_id,

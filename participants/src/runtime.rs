@@ -23,7 +23,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions};
 use lapin::types::FieldTable;
@@ -140,6 +140,9 @@ pub struct RuntimeConfig {
     /// taken in batches of what the broker has already delivered (never
     /// waiting for more), so a lone command is handled at once.
     pub batch_max: usize,
+    /// How long a batch waits for more commands once it has one (and the
+    /// reply relay, for more replies). Zero never waits.
+    pub linger: Duration,
     pub prefetch: u16,
     pub relay_batch: i64,
     pub relay_poll: Duration,
@@ -259,6 +262,7 @@ impl<H: Handler> Runtime<H> {
                     handoff: self.handoff[i].clone(),
                     batch_size: self.config.relay_batch,
                     poll_interval: self.config.relay_poll,
+                    linger: self.config.linger,
                     faults: self.config.faults.clone(),
                 }
                 .run(shutdown.child_token()),
@@ -313,18 +317,14 @@ impl<H: Handler> Runtime<H> {
                 Some(Err(e)) => break Err(e.into()),
                 None => break Ok(()),
             };
-            // Whatever else the broker has already delivered joins the batch.
-            let mut lost = None;
-            while batch.len() < self.config.batch_max.max(1) {
-                match consumer.next().now_or_never() {
-                    Some(Some(Ok(d))) => batch.push(d),
-                    Some(Some(Err(e))) => {
-                        lost = Some(e);
-                        break;
-                    }
-                    _ => break,
-                }
-            }
+            // Whatever else the broker delivers within the linger joins the batch.
+            let lost = amqp::gather(
+                &mut consumer,
+                &mut batch,
+                self.config.batch_max.max(1),
+                self.config.linger,
+            )
+            .await;
             self.on_batch(batch, &dead_letters, &queue).await;
             if let Some(e) = lost {
                 break Err(e.into());
@@ -866,25 +866,25 @@ async fn stored_action_replies(
     if actions.is_empty() {
         return Ok(HashMap::new());
     }
+    let wanted: std::collections::HashSet<(Uuid, &str)> =
+        actions.iter().map(|c| (c.saga_id, c.step.as_str())).collect();
     let sagas: Vec<Uuid> = actions.iter().map(|c| c.saga_id).collect();
-    let steps: Vec<&str> = actions.iter().map(|c| c.step.as_str()).collect();
-    let rows = sqlx::query(
-        "SELECT i.saga_id, i.step, i.reply FROM inbox i
-         JOIN unnest($1::uuid[], $2::text[]) AS k(saga_id, step) ON i.saga_id = k.saga_id AND i.step = k.step
-         WHERE i.kind = 'action'",
-    )
-    .bind(&sagas)
-    .bind(&steps)
-    .fetch_all(&mut *tx)
-    .await?;
+    // By the key's leading column only: a join on (saga, step) pairs made
+    // the planner hash the whole inbox (measured: 1 ms a batch instead of 0.1).
+    let rows = sqlx::query("SELECT saga_id, step, reply FROM inbox WHERE saga_id = ANY($1) AND kind = 'action'")
+        .bind(&sagas)
+        .fetch_all(&mut *tx)
+        .await?;
     let mut stored = HashMap::with_capacity(rows.len());
     for row in rows {
+        let saga_id: Uuid = row.try_get("saga_id")?;
+        let step: String = row.try_get("step")?;
+        if !wanted.contains(&(saga_id, step.as_str())) {
+            continue;
+        }
         let reply: Option<Value> = row.try_get("reply")?;
         let reply = reply.ok_or_else(|| HandlerError::BadPayload("inbox row without a reply".to_owned()))?;
-        stored.insert(
-            (row.try_get("saga_id")?, row.try_get("step")?),
-            serde_json::from_value(reply)?,
-        );
+        stored.insert((saga_id, step), serde_json::from_value(reply)?);
     }
     Ok(stored)
 }

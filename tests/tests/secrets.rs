@@ -115,8 +115,10 @@ async fn passwords_and_tokens_appear_in_no_answer_and_no_log() {
         skald_wire::faults::Faults::parse("", &["coordinator"]).unwrap(),
     );
     let bad_amqp = format!("amqp://{}:{wrong_pw}@127.0.0.1:5672/{vhost}", user.0);
+    let (intake, _intake_task) = skald_coordinator::intake::OrderIntake::spawn(store.clone(), 8);
     let state = ApiState {
         store,
+        intake,
         broker: BrokerInspector::new(&bad_amqp, None, vec!["order".to_owned()]).unwrap(),
         amqp_url: bad_amqp.into(),
         redis_url: format!("redis://:{redis_pw}@127.0.0.1:6379").into(),

@@ -194,6 +194,36 @@ pub async fn connect_with_backoff(
 }
 
 /// Opens a consuming channel with an explicit prefetch.
+/// Adds to `batch` what the broker has already delivered and, for up to
+/// `linger` after the call, what it delivers next, until `batch` holds `max`
+/// deliveries. A linger of zero never waits. Returns the consumer's error,
+/// if one came, after the deliveries before it.
+pub async fn gather(
+    consumer: &mut lapin::Consumer,
+    batch: &mut Vec<lapin::message::Delivery>,
+    max: usize,
+    linger: Duration,
+) -> Option<lapin::Error> {
+    use futures::{FutureExt, StreamExt};
+    let until = tokio::time::Instant::now() + linger;
+    while batch.len() < max {
+        let next = match consumer.next().now_or_never() {
+            Some(next) => next,
+            None if linger.is_zero() => return None,
+            None => match tokio::time::timeout_at(until, consumer.next()).await {
+                Ok(next) => next,
+                Err(_) => return None,
+            },
+        };
+        match next {
+            Some(Ok(d)) => batch.push(d),
+            Some(Err(e)) => return Some(e),
+            None => return None,
+        }
+    }
+    None
+}
+
 pub async fn consumer_channel(conn: &Connection, prefetch: u16) -> Result<Channel> {
     let channel = conn.create_channel().await?;
     channel.basic_qos(prefetch, BasicQosOptions::default()).await?;

@@ -157,6 +157,11 @@ impl Handoff {
         self.wake.notify_one();
     }
 
+    /// Ids waiting to be claimed.
+    fn len(&self) -> usize {
+        self.queue().len()
+    }
+
     /// Up to `max` ids, oldest first.
     fn take(&self, max: usize) -> Vec<i64> {
         let mut queue = self.queue();
@@ -208,6 +213,8 @@ pub struct Relay {
     pub batch_size: i64,
     /// Interval of the scan for rows written by other processes or left by a crash.
     pub poll_interval: Duration,
+    /// How long a batch of handed-off rows waits for more before it is claimed.
+    pub linger: Duration,
     pub faults: Faults,
 }
 
@@ -257,6 +264,9 @@ impl Relay {
                 }
             }
             let Some((_, publisher)) = link.as_ref() else { continue };
+            if !self.linger.is_zero() && (1..batch_size).contains(&self.handoff.len()) {
+                tokio::time::sleep(self.linger).await;
+            }
             let ids = self.handoff.take(batch_size);
             let claim = if !ids.is_empty() {
                 Claim::Ids(ids)

@@ -272,6 +272,7 @@ async fn commands_handled_in_one_batch_keep_the_barrier_and_roll_back_only_their
             amqp_url: env.names.amqp_url(),
             topology: env.topology.clone(),
             batch_max: 16,
+            linger: Duration::ZERO,
             prefetch: 16,
             relay_batch: 16,
             relay_poll: Duration::from_millis(200),

@@ -37,6 +37,9 @@ pub struct Env {
     pub db_names: Vec<String>,
     /// `(name, pid)` of each child.
     pub children: Vec<(&'static str, u32)>,
+    /// RabbitMQ's Erlang VM on this machine, if found: shared with anything
+    /// else using the broker, so reported apart.
+    pub broker_pid: Option<u32>,
     pub log_dir: std::path::PathBuf,
     pub stop: CancellationToken,
     pub timeout: Duration,
@@ -53,6 +56,7 @@ struct Snapshot {
     cpu: Vec<Duration>,
     /// CPU time of each PostgreSQL backend connected to our databases.
     backends: HashMap<u32, Duration>,
+    broker: Option<Duration>,
     machine: MachineCpu,
 }
 
@@ -95,6 +99,7 @@ impl Env {
             xacts: rows.into_iter().collect(),
             cpu,
             backends,
+            broker: self.broker_pid.and_then(|pid| procfs::cpu_time(pid).ok()),
             machine: MachineCpu::read()?,
         })
     }
@@ -201,6 +206,9 @@ impl Measure {
             .map(|(pid, t)| t.saturating_sub(self.start.backends.get(pid).copied().unwrap_or_default()))
             .sum();
         processes.push(process(POSTGRES_BACKENDS, 0, backends, None));
+        if let (Some(pid), Some(a), Some(b)) = (env.broker_pid, self.start.broker, end.broker) {
+            processes.push(process(RABBITMQ_BROKER, pid, b.saturating_sub(a), None));
+        }
         let messages = figures.commands + figures.replies;
         let window = figures.window_secs.max(1e-9);
         Ok(PhaseReport {
@@ -302,6 +310,9 @@ pub struct ProcessReport {
 /// The PostgreSQL backends connected to our four databases, as one process
 /// (the bench's own polling connection included; no RSS: shared buffers).
 pub const POSTGRES_BACKENDS: &str = "postgres (backends of our databases)";
+
+/// The whole RabbitMQ broker (every vhost; nothing else uses it during a run here).
+pub const RABBITMQ_BROKER: &str = "rabbitmq (whole broker)";
 
 #[derive(Debug, Clone, Serialize)]
 pub struct InFlightReport {

@@ -150,6 +150,19 @@ impl Machine {
     }
 }
 
+/// The pid of the local RabbitMQ broker (its Erlang VM), if one runs here.
+pub fn rabbitmq_pid() -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
+        let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+        let comm = std::fs::read_to_string(entry.path().join("comm")).ok()?;
+        if comm.trim() != "beam.smp" {
+            return None;
+        }
+        let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+        String::from_utf8_lossy(&cmdline).contains("rabbit").then_some(pid)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -396,6 +396,7 @@ async fn run(
         admin: admin.clone(),
         db_names: s.db_names(),
         children: dep.children.iter().map(|c| (c.name, c.pid)).collect(),
+        broker_pid: skald_tools::bench::procfs::rabbitmq_pid(),
         log_dir: dep.log_dir.clone(),
         stop: stop.clone(),
         timeout: Duration::from_secs(args.timeout_secs),

@@ -1,0 +1,102 @@
+//! Group commit of new orders: `POST /v1/orders` requests that arrive
+//! together are written by one statement in one transaction (their keys,
+//! sagas, orders and first commands), instead of a commit each.
+//!
+//! One task takes what is waiting (never waiting for more, so a lone order
+//! goes at once), writes it with [`Store::create_orders`], and answers each
+//! request. If the batch statement fails, each order of the batch is written
+//! on its own, so each request gets its own answer or error.
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::domain::{IdempotencyKey, NewOrder};
+use crate::store::{Created, Error, Result, Store};
+
+/// One order waiting to be written.
+pub struct PendingOrder {
+    pub order: NewOrder,
+    pub key: Option<IdempotencyKey>,
+    pub request_hash: String,
+    answer: oneshot::Sender<Result<Created>>,
+}
+
+/// The sending side, cloned into every HTTP handler. The task ends when
+/// every clone is dropped (after the HTTP server stopped).
+#[derive(Clone)]
+pub struct OrderIntake {
+    tx: mpsc::Sender<PendingOrder>,
+}
+
+impl OrderIntake {
+    /// Starts the writer task; `max_batch` orders per statement at most.
+    pub fn spawn(store: Store, max_batch: usize) -> (Self, JoinHandle<()>) {
+        let max_batch = max_batch.max(1);
+        let (tx, rx) = mpsc::channel(max_batch * 4);
+        let task = tokio::spawn(write_batches(store, rx, max_batch));
+        (Self { tx }, task)
+    }
+
+    /// Records an order and starts its saga (see [`Store::create_order`]).
+    pub async fn create(&self, order: NewOrder, key: Option<IdempotencyKey>, request_hash: String) -> Result<Created> {
+        let (answer, answered) = oneshot::channel();
+        let pending = PendingOrder {
+            order,
+            key,
+            request_hash,
+            answer,
+        };
+        self.tx.send(pending).await.map_err(|_| Error::IntakeClosed)?;
+        answered.await.map_err(|_| Error::IntakeClosed)?
+    }
+}
+
+/// Batches written at once at most: a new batch forms while others commit.
+const WRITERS: usize = 4;
+
+async fn write_batches(store: Store, mut rx: mpsc::Receiver<PendingOrder>, max_batch: usize) {
+    let writers = std::sync::Arc::new(tokio::sync::Semaphore::new(WRITERS));
+    let mut running = tokio::task::JoinSet::new();
+    loop {
+        let Ok(permit) = writers.clone().acquire_owned().await else {
+            break;
+        };
+        let mut batch = Vec::with_capacity(max_batch);
+        if rx.recv_many(&mut batch, max_batch).await == 0 {
+            break;
+        }
+        let store = store.clone();
+        running.spawn(async move {
+            write_batch(&store, batch).await;
+            drop(permit);
+        });
+        // Reap the finished ones so the set stays small.
+        while running.try_join_next().is_some() {}
+    }
+    while running.join_next().await.is_some() {}
+}
+
+async fn write_batch(store: &Store, batch: Vec<PendingOrder>) {
+    let results = match batch.as_slice() {
+        [one] => vec![
+            store
+                .create_order(&one.order, one.key.as_ref(), &one.request_hash)
+                .await,
+        ],
+        many => match store.create_orders(many).await {
+            Ok(results) => results,
+            Err(e) => {
+                tracing::warn!(error = %e, orders = many.len(), "order batch failed; writing its orders one by one");
+                let mut results = Vec::with_capacity(many.len());
+                for p in many {
+                    results.push(store.create_order(&p.order, p.key.as_ref(), &p.request_hash).await);
+                }
+                results
+            }
+        },
+    };
+    for (pending, result) in batch.into_iter().zip(results) {
+        // The client may have gone away: its order stands anyway.
+        let _ = pending.answer.send(result);
+    }
+}

@@ -82,19 +82,24 @@ async fn insufficient_balance_cancels_without_payment_or_reservation() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_stock_after_payment_refunds_and_cancels() {
     let mut env = TestEnv::start(Setup::default()).await;
-    env.seed(&[("carol", 5_000)], &[("rare", 1)]).await;
-    let (order_id, saga_id) = env.place_order(&order("carol", &[("rare", 3, 700)])).await;
+    env.seed(&[("carol", 5_000)], &[("plenty", 10), ("rare", 1)]).await;
+    // One line could be reserved, the other cannot: the reservation is all
+    // lines or none.
+    let (order_id, saga_id) = env
+        .place_order(&order("carol", &[("plenty", 2, 100), ("rare", 3, 700)]))
+        .await;
 
     let o = env.wait_for_order(order_id, WITHIN).await;
     assert_eq!(o["status"], "CANCELLED");
-    assert_eq!(env.payments(order_id).await, vec![("REFUNDED".to_owned(), 2100)]);
+    assert_eq!(env.payments(order_id).await, vec![("REFUNDED".to_owned(), 2300)]);
     assert_eq!(env.balance("carol").await, 5_000, "balance back after the refund");
     assert!(env.reservations(order_id).await.is_empty());
+    assert_eq!(env.available("plenty").await, 10, "no line reserved");
     assert_eq!(env.available("rare").await, 1);
     let saga = env.saga(saga_id).await;
     assert_eq!(saga["status"], "COMPENSATED");
     assert!(
-        saga["failure"].as_str().unwrap().contains("insufficient_stock"),
+        saga["failure"].as_str().unwrap().contains("insufficient_stock: rare"),
         "{saga}"
     );
     // Newest first: the refund (step 2) finished before the cancel (step 1) was sent.

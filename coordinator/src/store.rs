@@ -551,22 +551,31 @@ impl Store {
             messages.extend(s.commands.iter().map(|c| command_message(s.id, &s.payload, c)));
             observed.changed(s.id, s.def.name(), &s.state, &s.commands, now);
         }
-        sqlx::query(
-            "UPDATE sagas AS s SET status = u.status, state = u.state, wake_at = u.wake_at,
-                    finished_at = u.finished_at, updated_at = $6
-             FROM UNNEST($1::uuid[], $2::text[], $3::jsonb[], $4::timestamptz[], $5::timestamptz[])
-                  AS u(id, status, state, wake_at, finished_at)
-             WHERE s.id = u.id",
-        )
-        .bind(ids)
-        .bind(statuses)
-        .bind(states)
-        .bind(wakes)
-        .bind(finished)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        let outbox = skald_wire::outbox::insert(tx, &messages).await?;
+        // One statement, one round trip: the sagas' new states and their commands.
+        let statement = concat!(
+            "WITH changed AS (
+                 UPDATE sagas AS s SET status = u.status, state = u.state, wake_at = u.wake_at,
+                        finished_at = u.finished_at, updated_at = $6
+                 FROM UNNEST($1::uuid[], $2::text[], $3::jsonb[], $4::timestamptz[], $5::timestamptz[])
+                      AS u(id, status, state, wake_at, finished_at)
+                 WHERE s.id = u.id),
+             sent AS (",
+            skald_wire::outbox_unnest!(7, 8, 9, 10, 11, 12, 13),
+            " RETURNING id)
+             SELECT ARRAY (SELECT id FROM sent) AS outbox"
+        );
+        let query = sqlx::query(statement)
+            .bind(ids)
+            .bind(statuses)
+            .bind(states)
+            .bind(wakes)
+            .bind(finished)
+            .bind(now);
+        let row = skald_wire::outbox::Columns::new(&messages)?
+            .bind(query)
+            .fetch_one(&mut *tx)
+            .await?;
+        let outbox: Vec<i64> = row.try_get("outbox")?;
         Ok((observed, outbox))
     }
 

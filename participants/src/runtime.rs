@@ -626,10 +626,15 @@ impl<H: Handler> Runtime<H> {
             }
             outcomes.push(outcome);
         }
-        if record_all(&mut tx, &fresh).await? != fresh.len() as u64 {
-            return Err(HandlerError::BarrierRace);
-        }
-        let outbox = skald_wire::outbox::insert(&mut tx, &replies).await?;
+        let outbox = if fresh.is_empty() {
+            skald_wire::outbox::insert(&mut tx, &replies).await?
+        } else {
+            let (recorded, outbox) = record_and_send(&mut tx, &fresh, &replies).await?;
+            if recorded != fresh.len() as i64 {
+                return Err(HandlerError::BarrierRace);
+            }
+            outbox
+        };
         self.config.faults.crash("crash_before_commit");
         tx.commit().await?;
         self.config.faults.crash("crash_after_commit");
@@ -890,15 +895,15 @@ async fn stored_action_replies(
 }
 
 /// Inserts the barrier rows of actions handled on the direct path, with
-/// their replies, in one statement. Returns how many were inserted: fewer
-/// than given means another transaction wrote one of them meanwhile.
-async fn record_all(
+/// their replies, and the batch's replies into the outbox, in one
+/// statement. Returns how many barrier rows were inserted (fewer than given
+/// means another transaction wrote one of them meanwhile: the caller rolls
+/// back) and the outbox ids.
+async fn record_and_send(
     tx: &mut PgConnection,
     rows: &[(&CommandEnvelope, &str, ReplyEnvelope)],
-) -> Result<u64, HandlerError> {
-    if rows.is_empty() {
-        return Ok(0);
-    }
+    messages: &[OutgoingMessage],
+) -> Result<(i64, Vec<i64>), HandlerError> {
     let mut sagas = Vec::with_capacity(rows.len());
     let mut steps = Vec::with_capacity(rows.len());
     let mut attempts = Vec::with_capacity(rows.len());
@@ -911,22 +916,30 @@ async fn record_all(
         types.push(*message_type);
         replies.push(serde_json::to_value(reply)?);
     }
-    let inserted = sqlx::query(
-        "INSERT INTO inbox (saga_id, step, kind, attempt, message_type, tombstone, reply)
-         SELECT saga_id, step, 'action', attempt, message_type, false, reply
-         FROM unnest($1::uuid[], $2::text[], $3::int4[], $4::text[], $5::jsonb[])
-              AS r(saga_id, step, attempt, message_type, reply)
-         ON CONFLICT DO NOTHING",
-    )
-    .bind(&sagas)
-    .bind(&steps)
-    .bind(&attempts)
-    .bind(&types)
-    .bind(&replies)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    Ok(inserted)
+    let statement = concat!(
+        "WITH recorded AS (
+             INSERT INTO inbox (saga_id, step, kind, attempt, message_type, tombstone, reply)
+             SELECT saga_id, step, 'action', attempt, message_type, false, reply
+             FROM unnest($1::uuid[], $2::text[], $3::int4[], $4::text[], $5::jsonb[])
+                  AS r(saga_id, step, attempt, message_type, reply)
+             ON CONFLICT DO NOTHING
+             RETURNING 1),
+         sent AS (",
+        skald_wire::outbox_unnest!(6, 7, 8, 9, 10, 11, 12),
+        " RETURNING id)
+         SELECT (SELECT count(*) FROM recorded) AS recorded, ARRAY (SELECT id FROM sent) AS outbox"
+    );
+    let query = sqlx::query(statement)
+        .bind(&sagas)
+        .bind(&steps)
+        .bind(&attempts)
+        .bind(&types)
+        .bind(&replies);
+    let row = skald_wire::outbox::Columns::new(messages)?
+        .bind(query)
+        .fetch_one(&mut *tx)
+        .await?;
+    Ok((row.try_get("recorded")?, row.try_get("outbox")?))
 }
 
 /// Hands a delivery back to the broker for another try.

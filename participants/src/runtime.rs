@@ -622,7 +622,8 @@ impl<H: Handler> Runtime<H> {
             .instrument(span.clone())
             .await?;
             if let Ok(processed) = &outcome {
-                replies.push(reply_message(processed.reply()));
+                // In the command's span: the reply's traceparent names it.
+                replies.push(span.in_scope(|| reply_message(processed.reply())));
             }
             outcomes.push(outcome);
         }

@@ -11,13 +11,11 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::domain::{IdempotencyKey, NewOrder};
-use crate::store::{Created, Error, Result, Store};
+use crate::store::{Created, Error, OrderToCreate, Result, Store};
 
-/// One order waiting to be written.
-pub struct PendingOrder {
-    pub order: NewOrder,
-    pub key: Option<IdempotencyKey>,
-    pub request_hash: String,
+/// One order waiting to be written, and where its answer goes.
+struct PendingOrder {
+    request: OrderToCreate,
     answer: oneshot::Sender<Result<Created>>,
 }
 
@@ -41,9 +39,11 @@ impl OrderIntake {
     pub async fn create(&self, order: NewOrder, key: Option<IdempotencyKey>, request_hash: String) -> Result<Created> {
         let (answer, answered) = oneshot::channel();
         let pending = PendingOrder {
-            order,
-            key,
-            request_hash,
+            request: OrderToCreate {
+                order,
+                key,
+                request_hash,
+            },
             answer,
         };
         self.tx.send(pending).await.map_err(|_| Error::IntakeClosed)?;
@@ -77,23 +77,18 @@ async fn write_batches(store: Store, mut rx: mpsc::Receiver<PendingOrder>, max_b
 }
 
 async fn write_batch(store: &Store, batch: Vec<PendingOrder>) {
-    let results = match batch.as_slice() {
-        [one] => vec![
-            store
-                .create_order(&one.order, one.key.as_ref(), &one.request_hash)
-                .await,
-        ],
-        many => match store.create_orders(many).await {
-            Ok(results) => results,
-            Err(e) => {
-                tracing::warn!(error = %e, orders = many.len(), "order batch failed; writing its orders one by one");
-                let mut results = Vec::with_capacity(many.len());
-                for p in many {
-                    results.push(store.create_order(&p.order, p.key.as_ref(), &p.request_hash).await);
-                }
-                results
+    let requests: Vec<&OrderToCreate> = batch.iter().map(|p| &p.request).collect();
+    let results = match store.create_orders(&requests).await {
+        Ok(results) => results,
+        Err(e) if requests.len() > 1 => {
+            tracing::warn!(error = %e, orders = requests.len(), "order batch failed; writing its orders one by one");
+            let mut results = Vec::with_capacity(requests.len());
+            for request in &requests {
+                results.push(store.create_order(request).await);
             }
-        },
+            results
+        }
+        Err(e) => vec![Err(e)],
     };
     for (pending, result) in batch.into_iter().zip(results) {
         // The client may have gone away: its order stands anyway.

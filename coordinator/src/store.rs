@@ -19,7 +19,6 @@ use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
 use crate::domain::{IdempotencyKey, NewOrder};
-use crate::intake::PendingOrder;
 use crate::observe::Observed;
 use crate::sagas::Registry;
 
@@ -53,6 +52,15 @@ impl Error {
             Error::Db(_) | Error::Outbox(skald_wire::outbox::Error::Db(_)) | Error::IntakeClosed
         )
     }
+}
+
+/// A new order as the API accepted it, to be written.
+#[derive(Debug, Clone)]
+pub struct OrderToCreate {
+    pub order: NewOrder,
+    pub key: Option<IdempotencyKey>,
+    /// Hash of the parsed order: a key reused with another body is a conflict.
+    pub request_hash: String,
 }
 
 /// The ids of an order and of the saga that runs it.
@@ -152,81 +160,22 @@ impl Store {
     }
 
     /// Records an order and starts its saga, with its first command in the outbox.
-    #[tracing::instrument(skip_all, fields(customer = order.customer_id.as_str()))]
-    pub async fn create_order(
-        &self,
-        order: &NewOrder,
-        key: Option<&IdempotencyKey>,
-        request_hash: &str,
-    ) -> Result<Created> {
-        let def = self.definition("order")?;
-        let ids = OrderRef {
-            order_id: Uuid::now_v7(),
-            saga_id: Uuid::now_v7(),
-        };
-        let payload = order_payload(ids, order);
-        let ctx = ctx();
-        let t = skald_engine::start(&def, ctx);
-        let messages: Vec<OutgoingMessage> = t
-            .commands
-            .iter()
-            .map(|c| command_message(ids.saga_id, &payload, c))
-            .collect();
-        // One statement, so one implicit transaction and one round trip: the
-        // idempotency key (when given) gates the saga, the order and the
-        // first command. A concurrent request with the same key waits on the
-        // key's primary key and then inserts nothing.
-        let statement = concat!(
-            "WITH key AS (
-                 INSERT INTO idempotency_keys (key, request_hash, order_id, saga_id)
-                 SELECT $13, $14, $8, $1 WHERE $13::text IS NOT NULL
-                 ON CONFLICT (key) DO NOTHING RETURNING key),
-             go AS (SELECT 1 AS go WHERE $13::text IS NULL OR EXISTS (SELECT 1 FROM key)),
-             saga AS (
-                 INSERT INTO sagas (id, saga_type, status, state, payload, wake_at, created_at, updated_at)
-                 SELECT $1, $2, $3, $4, $5, $6, $7, $7 FROM go),
-             ord AS (
-                 INSERT INTO orders (order_id, saga_id, customer_id, currency, total_cents, items, created_at)
-                 SELECT $8, $1, $9, $10, $11, $12, $7 FROM go),
-             first_command AS (",
-            skald_wire::outbox_unnest!(15, 16, 17, 18, 19, 20, 21),
-            " WHERE EXISTS (SELECT 1 FROM go) RETURNING id)
-             SELECT EXISTS (SELECT 1 FROM go) AS created, ARRAY (SELECT id FROM first_command) AS outbox"
-        );
-        let query = sqlx::query(statement)
-            .bind(ids.saga_id)
-            .bind(def.name())
-            .bind(t.state.status.as_str())
-            .bind(serde_json::to_value(&t.state)?)
-            .bind(&payload)
-            .bind(t.state.wake_at)
-            .bind(ctx.now)
-            .bind(ids.order_id)
-            .bind(order.customer_id.as_str())
-            .bind(order.currency.as_str())
-            .bind(order.total_cents.get())
-            .bind(serde_json::to_value(&order.items)?)
-            .bind(key.map(IdempotencyKey::as_str))
-            .bind(request_hash);
-        let row = skald_wire::outbox::Columns::new(&messages)?
-            .bind(query)
-            .fetch_one(&self.pool)
-            .await?;
-        if !row.try_get::<bool, _>("created")? {
-            let key = key.ok_or_else(|| Error::Db(sqlx::Error::RowNotFound))?;
-            return self.replayed(key, request_hash).await;
-        }
-        self.after_commit(&row.try_get::<Vec<i64>, _>("outbox")?);
-        crate::observe::saga_started(def.name(), &t.commands);
-        tracing::info!(saga_id = %ids.saga_id, order_id = %ids.order_id, "saga started");
-        Ok(Created::New(ids))
+    pub async fn create_order(&self, request: &OrderToCreate) -> Result<Created> {
+        self.create_orders(&[request])
+            .await?
+            .pop()
+            .unwrap_or(Err(Error::Db(sqlx::Error::RowNotFound)))
     }
 
-    /// [`Self::create_order`] for many orders in one statement (group
-    /// commit); one result per order, in order. `Err` means nothing was
-    /// written, and the caller may write the orders one by one.
+    /// Records orders and starts their sagas, with their first commands in
+    /// the outbox, in one statement (so one implicit transaction and one
+    /// round trip, however many orders: group commit). An idempotency key,
+    /// when given, gates its order's saga, order and first command; a
+    /// concurrent request with the same key waits on the key's primary key
+    /// and then inserts nothing. One result per order, in order. `Err` means
+    /// nothing was written, and the caller may write the orders one by one.
     #[tracing::instrument(skip_all, fields(orders = orders.len()))]
-    pub async fn create_orders(&self, orders: &[PendingOrder]) -> Result<Vec<Result<Created>>> {
+    pub async fn create_orders(&self, orders: &[&OrderToCreate]) -> Result<Vec<Result<Created>>> {
         let def = self.definition("order")?;
         let n = orders.len();
         let mut refs = Vec::with_capacity(n);

@@ -222,8 +222,7 @@ impl Machine<'_> {
                 if retryable {
                     self.action_failed_transiently(index, reason);
                 } else {
-                    self.state.steps[index].status = StepStatus::Failed;
-                    self.begin_compensation(index, format!("{}: {reason}", self.def.steps()[index].name));
+                    self.action_refused(index, &reason);
                 }
             }
             (Kind::Compensation, Outcome::Success { .. }) => {
@@ -244,10 +243,7 @@ impl Machine<'_> {
     fn settle_from_waiting(&mut self, index: usize, kind: Kind, outcome: Outcome) -> Applied {
         match (kind, outcome) {
             (Kind::Action, Outcome::Success { data }) => self.action_succeeded(index, data),
-            (Kind::Action, Outcome::Failure { reason, .. }) => {
-                self.state.steps[index].status = StepStatus::Failed;
-                self.begin_compensation(index, format!("{}: {reason}", self.def.steps()[index].name));
-            }
+            (Kind::Action, Outcome::Failure { reason, .. }) => self.action_refused(index, &reason),
             (Kind::Compensation, _) => self.compensation_succeeded(index),
         }
         Applied::Changed
@@ -322,6 +318,12 @@ impl Machine<'_> {
         } else {
             self.finish(SagaStatus::Completed);
         }
+    }
+
+    /// A business failure: the step failed for good and the saga compensates.
+    fn action_refused(&mut self, index: usize, reason: &str) {
+        self.state.steps[index].status = StepStatus::Failed;
+        self.begin_compensation(index, format!("{}: {reason}", self.def.steps()[index].name));
     }
 
     fn compensation_succeeded(&mut self, index: usize) {

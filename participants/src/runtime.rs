@@ -599,10 +599,7 @@ impl<H: Handler> Runtime<H> {
                 }
                 let key = (command.saga_id, command.step.clone());
                 if let Some(stored) = known.get(&key) {
-                    return Ok(Ok(Processed::Replayed(ReplyEnvelope {
-                        attempt: command.attempt,
-                        ..stored.clone()
-                    })));
+                    return Ok(Ok(replayed(stored.clone(), command)));
                 }
                 let ctx = CommandContext {
                     command,
@@ -778,11 +775,7 @@ impl<H: Handler> Runtime<H> {
                 return Ok(None);
             }
         }
-        let stored = stored_reply(tx, command, command.kind).await?;
-        Ok(Some(Processed::Replayed(ReplyEnvelope {
-            attempt: command.attempt,
-            ..stored
-        })))
+        Ok(Some(replayed(stored_reply(tx, command, command.kind).await?, command)))
     }
 
     /// The barrier first: claim the inbox row, then run the handler (or,
@@ -796,11 +789,7 @@ impl<H: Handler> Runtime<H> {
     ) -> Result<Processed, HandlerError> {
         let fresh = claim(tx, command, message_type, command.kind, false, None).await?;
         if !fresh {
-            let stored = stored_reply(tx, command, command.kind).await?;
-            return Ok(Processed::Replayed(ReplyEnvelope {
-                attempt: command.attempt,
-                ..stored
-            }));
+            return Ok(replayed(stored_reply(tx, command, command.kind).await?, command));
         }
         let run_handler = match command.kind {
             Kind::Action => true,
@@ -941,6 +930,14 @@ async fn record_and_send(
         .fetch_one(&mut *tx)
         .await?;
     Ok((row.try_get("recorded")?, row.try_get("outbox")?))
+}
+
+/// A stored reply sent again, with the attempt number of the command it answers.
+fn replayed(stored: ReplyEnvelope, command: &CommandEnvelope) -> Processed {
+    Processed::Replayed(ReplyEnvelope {
+        attempt: command.attempt,
+        ..stored
+    })
 }
 
 /// Hands a delivery back to the broker for another try.

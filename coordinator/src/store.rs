@@ -14,7 +14,7 @@ use skald_engine::{Applied, CommandSpec, Ctx, EngineError, Event, SagaDefinition
 use skald_wire::amqp::OutgoingMessage;
 use skald_wire::contract::{COMMANDS_EXCHANGE, CommandEnvelope};
 use skald_wire::faults::Faults;
-use skald_wire::outbox::Handoff;
+use skald_wire::outbox::{Handoff, Written};
 use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
@@ -226,9 +226,11 @@ impl Store {
                                       $20::jsonb[], $21::bytea[])
                      AS o(message_id, exchange, routing_key, message_type, correlation_id, headers, body)
                  WHERE o.correlation_id IN (SELECT saga_id FROM go)
-                 RETURNING id, correlation_id)
+                 RETURNING id, message_id, correlation_id)
              SELECT i.saga_id, EXISTS (SELECT 1 FROM go WHERE go.saga_id = i.saga_id) AS created,
-                    ARRAY (SELECT f.id FROM first_command f WHERE f.correlation_id = i.saga_id) AS outbox
+                    ARRAY (SELECT f.id FROM first_command f WHERE f.correlation_id = i.saga_id) AS outbox,
+                    ARRAY (SELECT f.message_id FROM first_command f WHERE f.correlation_id = i.saga_id)
+                        AS outbox_messages
              FROM input i";
         let query = sqlx::query(statement)
             .bind(refs.iter().map(|r| r.saga_id).collect::<Vec<_>>())
@@ -254,32 +256,38 @@ impl Store {
             .bind(query)
             .fetch_all(&self.pool)
             .await?;
-        let mut written: HashMap<Uuid, (bool, Vec<i64>)> = HashMap::with_capacity(rows.len());
+        let mut written: HashMap<Uuid, (bool, Vec<i64>, Vec<Uuid>)> = HashMap::with_capacity(rows.len());
         for row in rows {
             written.insert(
                 row.try_get("saga_id")?,
-                (row.try_get("created")?, row.try_get("outbox")?),
+                (
+                    row.try_get("created")?,
+                    row.try_get("outbox")?,
+                    row.try_get("outbox_messages")?,
+                ),
             );
         }
         let mut outbox = Vec::with_capacity(messages.len());
+        let mut outbox_messages = Vec::with_capacity(messages.len());
         let mut results = Vec::with_capacity(n);
         for ((p, ids), commands) in orders.iter().zip(refs).zip(commands) {
             match written.remove(&ids.saga_id) {
-                Some((true, rows)) => {
+                Some((true, rows, message_ids)) => {
                     outbox.extend(rows);
+                    outbox_messages.extend(message_ids);
                     crate::observe::saga_started(def.name(), &commands);
                     tracing::info!(saga_id = %ids.saga_id, order_id = %ids.order_id, "saga started");
                     results.push(Ok(Created::New(ids)));
                 }
                 // Its key was taken (by an earlier request, or one in this batch).
-                Some((false, _)) => results.push(match &p.key {
+                Some((false, _, _)) => results.push(match &p.key {
                     Some(key) => self.replayed(key, &p.request_hash).await,
                     None => Err(Error::Db(sqlx::Error::RowNotFound)),
                 }),
                 None => results.push(Err(Error::Db(sqlx::Error::RowNotFound))),
             }
         }
-        self.after_commit(&outbox);
+        self.after_commit(skald_wire::outbox::pair(outbox, outbox_messages, messages));
         Ok(results)
     }
 
@@ -334,7 +342,7 @@ impl Store {
         }
         let (observed, outbox) = self.persist(&mut tx, loaded.into_values().collect(), ctx.now).await?;
         tx.commit().await?;
-        self.after_commit(&outbox);
+        self.after_commit(outbox);
         observed.record();
         Ok(verdicts)
     }
@@ -367,7 +375,7 @@ impl Store {
         let n = sagas.len();
         let (observed, outbox) = self.persist(&mut tx, sagas, ctx.now).await?;
         tx.commit().await?;
-        self.after_commit(&outbox);
+        self.after_commit(outbox);
         observed.record();
         Ok(n)
     }
@@ -386,7 +394,7 @@ impl Store {
         absorb(&mut saga, t);
         let (observed, outbox) = self.persist(&mut tx, vec![saga], ctx.now).await?;
         tx.commit().await?;
-        self.after_commit(&outbox);
+        self.after_commit(outbox);
         observed.record();
         self.saga(saga_id).await?.ok_or(Error::SagaNotFound(saga_id))
     }
@@ -479,7 +487,7 @@ impl Store {
         tx: &mut PgConnection,
         sagas: Vec<Loaded>,
         now: DateTime<Utc>,
-    ) -> Result<(Observed, Vec<i64>)> {
+    ) -> Result<(Observed, Vec<Written>)> {
         let changed: Vec<Loaded> = sagas.into_iter().filter(|s| s.changed).collect();
         let mut observed = Observed::default();
         if changed.is_empty() {
@@ -510,8 +518,8 @@ impl Store {
                  WHERE s.id = u.id),
              sent AS (",
             skald_wire::outbox_unnest!(7, 8, 9, 10, 11, 12, 13),
-            " RETURNING id)
-             SELECT ARRAY (SELECT id FROM sent) AS outbox"
+            " RETURNING id, message_id)
+             SELECT ARRAY (SELECT id FROM sent) AS outbox, ARRAY (SELECT message_id FROM sent) AS outbox_messages"
         );
         let query = sqlx::query(statement)
             .bind(ids)
@@ -524,11 +532,11 @@ impl Store {
             .bind(query)
             .fetch_one(&mut *tx)
             .await?;
-        let outbox: Vec<i64> = row.try_get("outbox")?;
+        let outbox = skald_wire::outbox::pair(row.try_get("outbox")?, row.try_get("outbox_messages")?, messages);
         Ok((observed, outbox))
     }
 
-    fn after_commit(&self, outbox: &[i64]) {
+    fn after_commit(&self, outbox: Vec<Written>) {
         self.faults.crash("crash_after_commit");
         self.handoff.committed(outbox);
     }

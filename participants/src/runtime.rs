@@ -34,7 +34,7 @@ use skald_wire::contract::{
     CommandEnvelope, REPLIES_EXCHANGE, REPLIES_ROUTING_KEY, ReplyEnvelope, ReplyOutcome, command_queue,
 };
 use skald_wire::faults::Faults;
-use skald_wire::outbox::Handoff;
+use skald_wire::outbox::{Handoff, Written};
 use sqlx::{Acquire, PgConnection, PgPool, Row};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -625,9 +625,9 @@ impl<H: Handler> Runtime<H> {
             outcomes.push(outcome);
         }
         let outbox = if fresh.is_empty() {
-            skald_wire::outbox::insert(&mut tx, &replies).await?
+            skald_wire::outbox::insert(&mut tx, replies).await?
         } else {
-            let (recorded, outbox) = record_and_send(&mut tx, &fresh, &replies).await?;
+            let (recorded, outbox) = record_and_send(&mut tx, &fresh, replies).await?;
             if recorded != fresh.len() as i64 {
                 return Err(HandlerError::BarrierRace);
             }
@@ -636,7 +636,7 @@ impl<H: Handler> Runtime<H> {
         self.config.faults.crash("crash_before_commit");
         tx.commit().await?;
         self.config.faults.crash("crash_after_commit");
-        self.handoff[part].committed(&outbox);
+        self.handoff[part].committed(outbox);
         Ok(outcomes)
     }
 
@@ -684,9 +684,9 @@ impl<H: Handler> Runtime<H> {
     ) -> Result<Processed, HandlerError> {
         let reply = self.retryable_reply(command, error);
         let mut tx = self.pools[part].begin().await?;
-        let outbox = skald_wire::outbox::insert(&mut tx, &[reply_message(&reply)]).await?;
+        let outbox = skald_wire::outbox::insert(&mut tx, vec![reply_message(&reply)]).await?;
         tx.commit().await?;
-        self.handoff[part].committed(&outbox);
+        self.handoff[part].committed(outbox);
         Ok(Processed::Retryable(reply))
     }
 
@@ -699,11 +699,11 @@ impl<H: Handler> Runtime<H> {
     ) -> Result<Processed, HandlerError> {
         let mut tx = self.pools[part].begin().await?;
         let processed = self.execute_in(&mut tx, command, message_type, fence).await?;
-        let outbox = skald_wire::outbox::insert(&mut tx, &[reply_message(processed.reply())]).await?;
+        let outbox = skald_wire::outbox::insert(&mut tx, vec![reply_message(processed.reply())]).await?;
         self.config.faults.crash("crash_before_commit");
         tx.commit().await?;
         self.config.faults.crash("crash_after_commit");
-        self.handoff[part].committed(&outbox);
+        self.handoff[part].committed(outbox);
         Ok(processed)
     }
 
@@ -892,8 +892,8 @@ async fn stored_action_replies(
 async fn record_and_send(
     tx: &mut PgConnection,
     rows: &[(&CommandEnvelope, &str, ReplyEnvelope)],
-    messages: &[OutgoingMessage],
-) -> Result<(i64, Vec<i64>), HandlerError> {
+    messages: Vec<OutgoingMessage>,
+) -> Result<(i64, Vec<Written>), HandlerError> {
     let mut sagas = Vec::with_capacity(rows.len());
     let mut steps = Vec::with_capacity(rows.len());
     let mut attempts = Vec::with_capacity(rows.len());
@@ -916,8 +916,9 @@ async fn record_and_send(
              RETURNING 1),
          sent AS (",
         skald_wire::outbox_unnest!(6, 7, 8, 9, 10, 11, 12),
-        " RETURNING id)
-         SELECT (SELECT count(*) FROM recorded) AS recorded, ARRAY (SELECT id FROM sent) AS outbox"
+        " RETURNING id, message_id)
+         SELECT (SELECT count(*) FROM recorded) AS recorded,
+                ARRAY (SELECT id FROM sent) AS outbox, ARRAY (SELECT message_id FROM sent) AS outbox_messages"
     );
     let query = sqlx::query(statement)
         .bind(&sagas)
@@ -925,11 +926,12 @@ async fn record_and_send(
         .bind(&attempts)
         .bind(&types)
         .bind(&replies);
-    let row = skald_wire::outbox::Columns::new(messages)?
+    let row = skald_wire::outbox::Columns::new(&messages)?
         .bind(query)
         .fetch_one(&mut *tx)
         .await?;
-    Ok((row.try_get("recorded")?, row.try_get("outbox")?))
+    let outbox = skald_wire::outbox::pair(row.try_get("outbox")?, row.try_get("outbox_messages")?, messages);
+    Ok((row.try_get("recorded")?, outbox))
 }
 
 /// A stored reply sent again, with the attempt number of the command it answers.

@@ -13,7 +13,7 @@ use lapin::options::{
     QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind, PublisherConfirm};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -289,46 +289,55 @@ impl Publisher {
         self.channel.status().connected()
     }
 
+    /// Sends one message; its confirmation comes later (see [`confirmed`]).
+    pub async fn send(&self, m: &OutgoingMessage) -> Result<PublisherConfirm> {
+        Ok(self
+            .channel
+            .basic_publish(
+                m.exchange.as_str().into(),
+                m.routing_key.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                &m.body,
+                m.properties(),
+            )
+            .await?)
+    }
+
     /// Publishes every message, pipelined, then waits for all the confirms.
     /// Fails if any message is nacked or unroutable.
     pub async fn publish_all(&self, messages: &[OutgoingMessage]) -> Result<()> {
         let mut pending = Vec::with_capacity(messages.len());
         for m in messages {
-            let confirm = self
-                .channel
-                .basic_publish(
-                    m.exchange.as_str().into(),
-                    m.routing_key.as_str().into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..Default::default()
-                    },
-                    &m.body,
-                    m.properties(),
-                )
-                .await?;
-            pending.push((m, confirm));
+            pending.push((m, self.send(m).await?));
         }
         let mut first_error = None;
         for (m, confirm) in pending {
-            let outcome = match confirm.await? {
-                Confirmation::Ack(None) => Ok(()),
-                Confirmation::Ack(Some(_)) => Err(Error::Unroutable(
-                    m.message_id,
-                    m.exchange.clone(),
-                    m.routing_key.clone(),
-                )),
-                Confirmation::Nack(_) => Err(Error::Nacked(m.message_id)),
-                Confirmation::NotRequested => Err(Error::NoConfirms),
-            };
-            if outcome.is_ok() {
-                crate::metrics::published(&m.exchange, 1);
-            }
-            if let Err(e) = outcome {
+            if let Err(e) = confirmed(m, confirm).await {
                 first_error.get_or_insert(e);
             }
         }
         first_error.map_or(Ok(()), Err)
+    }
+}
+
+/// Waits for the broker's confirmation of a message [`Publisher::send`]
+/// sent: `Ok` once it is stored and routed to a queue.
+pub async fn confirmed(m: &OutgoingMessage, confirm: PublisherConfirm) -> Result<()> {
+    match confirm.await? {
+        Confirmation::Ack(None) => {
+            crate::metrics::published(&m.exchange, 1);
+            Ok(())
+        }
+        Confirmation::Ack(Some(_)) => Err(Error::Unroutable(
+            m.message_id,
+            m.exchange.clone(),
+            m.routing_key.clone(),
+        )),
+        Confirmation::Nack(_) => Err(Error::Nacked(m.message_id)),
+        Confirmation::NotRequested => Err(Error::NoConfirms),
     }
 }
 

@@ -10,10 +10,14 @@
 //! at once; a periodic scan covers rows written by other processes or left
 //! by a crash.
 
-use std::collections::BTreeMap;
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
+
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 
 use lapin::Connection;
 use sqlx::postgres::PgPoolOptions;
@@ -114,32 +118,55 @@ impl Columns {
     }
 }
 
+/// An outbox row written: its id and the message it holds.
+pub type Written = (i64, OutgoingMessage);
+
 /// Writes `messages` to the outbox inside the caller's transaction.
-/// Returns the rows' ids, for [`Handoff::committed`] after the commit.
-pub async fn insert(conn: &mut PgConnection, messages: &[OutgoingMessage]) -> Result<Vec<i64>> {
+/// Returns the rows, for [`Handoff::committed`] after the commit.
+pub async fn insert(conn: &mut PgConnection, messages: Vec<OutgoingMessage>) -> Result<Vec<Written>> {
     if messages.is_empty() {
         return Ok(Vec::new());
     }
-    let rows = Columns::new(messages)?
+    let rows = Columns::new(&messages)?
         .bind(sqlx::query(concat!(
             outbox_unnest!(1, 2, 3, 4, 5, 6, 7),
-            " RETURNING id"
+            " RETURNING id, message_id"
         )))
         .fetch_all(conn)
         .await?;
-    let ids = rows.iter().map(|r| r.try_get("id")).collect::<Result<_, _>>()?;
-    Ok(ids)
+    let mut ids = Vec::with_capacity(rows.len());
+    let mut message_ids = Vec::with_capacity(rows.len());
+    for row in rows {
+        ids.push(row.try_get("id")?);
+        message_ids.push(row.try_get("message_id")?);
+    }
+    Ok(pair(ids, message_ids, messages))
 }
 
-/// The ids of outbox rows this process committed, handed to its relay.
+/// Pairs the ids of inserted outbox rows with their messages, by message
+/// id (`ids[i]` holds `message_ids[i]`; a statement's `RETURNING` order is
+/// not a promise). Messages with no row were not inserted and are dropped.
+pub fn pair(ids: Vec<i64>, message_ids: Vec<Uuid>, messages: Vec<OutgoingMessage>) -> Vec<Written> {
+    let by_message: HashMap<Uuid, i64> = message_ids.into_iter().zip(ids).collect();
+    messages
+        .into_iter()
+        .filter_map(|m| by_message.get(&m.message_id).map(|id| (*id, m)))
+        .collect()
+}
+
+/// Rows held in memory by one process's handoff at most; more are left to
+/// the relay's scan of the table.
+const HANDOFF_CAPACITY: usize = 20_000;
+
+/// The outbox rows this process committed, handed to its relay with their
+/// messages, so that it publishes them without reading them back.
 ///
-/// The relay claims handed-off rows by primary key. Only rows written by
-/// other processes, or left by a crash, need the periodic scan of the table
-/// in id order; that scan is slow on a queue table, whose head is full of
-/// dead tuples between two vacuums.
+/// Rows that never reach a handoff (written by other processes, left by a
+/// crash, or beyond [`HANDOFF_CAPACITY`]) are found by the relay's periodic
+/// scan of the table in id order.
 #[derive(Debug, Default)]
 pub struct Handoff {
-    ids: Mutex<VecDeque<i64>>,
+    rows: Mutex<VecDeque<Written>>,
     wake: Notify,
 }
 
@@ -148,47 +175,52 @@ impl Handoff {
         Arc::new(Self::default())
     }
 
-    /// Call after the commit that wrote the rows `ids` (possibly none: it
-    /// still wakes the relay).
-    pub fn committed(&self, ids: &[i64]) {
-        if !ids.is_empty() {
-            self.queue().extend(ids);
+    /// Call after the commit that wrote `rows` (possibly none: it still
+    /// wakes the relay).
+    pub fn committed(&self, rows: Vec<Written>) {
+        if !rows.is_empty() {
+            let mut queue = self.queue();
+            let room = HANDOFF_CAPACITY.saturating_sub(queue.len());
+            if rows.len() > room {
+                tracing::debug!(
+                    left = rows.len() - room,
+                    "handoff full; the relay's scan will find the rest"
+                );
+            }
+            queue.extend(rows.into_iter().take(room));
         }
         self.wake.notify_one();
     }
 
-    /// Ids waiting to be claimed.
+    /// Rows waiting to be published.
     fn len(&self) -> usize {
         self.queue().len()
     }
 
-    /// Up to `max` ids, oldest first.
-    fn take(&self, max: usize) -> Vec<i64> {
+    /// Up to `max` rows, oldest first.
+    fn take(&self, max: usize) -> Vec<Written> {
         let mut queue = self.queue();
         let n = queue.len().min(max);
         queue.drain(..n).collect()
     }
 
-    /// Ids whose batch failed go back to the front, to be tried first.
-    fn give_back(&self, ids: Vec<i64>) {
+    /// Rows whose publication failed go back to the front, to be tried first.
+    fn give_back(&self, rows: Vec<Written>) {
         let mut queue = self.queue();
-        for id in ids.into_iter().rev() {
-            queue.push_front(id);
+        for row in rows.into_iter().rev() {
+            queue.push_front(row);
         }
     }
 
-    fn queue(&self) -> MutexGuard<'_, VecDeque<i64>> {
-        // A plain queue of ids: a panic elsewhere cannot leave it inconsistent.
-        self.ids.lock().unwrap_or_else(PoisonError::into_inner)
+    /// The smallest id waiting.
+    fn min_id(&self) -> Option<i64> {
+        self.queue().iter().map(|(id, _)| *id).min()
     }
-}
 
-/// Which rows a relay batch claims.
-enum Claim {
-    /// Rows this process handed off.
-    Ids(Vec<i64>),
-    /// The oldest rows, whoever wrote them.
-    Oldest,
+    fn queue(&self) -> MutexGuard<'_, VecDeque<Written>> {
+        // A plain queue: a panic elsewhere cannot leave it inconsistent.
+        self.rows.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// Rows waiting to be published (for `/readyz`, metrics and tests).
@@ -198,7 +230,27 @@ pub async fn backlog(pool: &PgPool) -> Result<i64> {
         .await?)
 }
 
+/// How long confirmed rows wait before they are deleted, so that one
+/// statement deletes many.
+const DELETE_DELAY: Duration = Duration::from_millis(50);
+
+/// The scan leaves rows younger than this to their writer's handoff: a row
+/// is committed a moment before its writer hands it off.
+const SCAN_GRACE: Duration = Duration::from_secs(2);
+
+/// How long a stopping relay waits for the confirms of what it sent.
+const SHUTDOWN_CONFIRMS: Duration = Duration::from_secs(5);
+
 /// Publishes outbox rows until shut down.
+///
+/// Handed-off rows are published from memory, pipelined: the relay sends a
+/// batch without waiting for the confirms of the batches before it (at most
+/// four batches unconfirmed, so publishing stays paced by the broker). Once
+/// confirmed, rows are deleted in batches, on a connection with
+/// `synchronous_commit = off`: a delete lost in a crash only sends its rows
+/// again, and receivers deduplicate. Rows that were not handed off are
+/// claimed by the scan with `FOR UPDATE SKIP LOCKED`, published, and
+/// deleted in the same transaction.
 pub struct Relay {
     pub pool: PgPool,
     pub amqp_url: String,
@@ -213,9 +265,42 @@ pub struct Relay {
     pub batch_size: i64,
     /// Interval of the scan for rows written by other processes or left by a crash.
     pub poll_interval: Duration,
-    /// How long a batch of handed-off rows waits for more before it is claimed.
+    /// How long a batch of handed-off rows waits for more before it is sent.
     pub linger: Duration,
     pub faults: Faults,
+}
+
+/// What became of a batch sent from the handoff.
+struct Settled {
+    confirmed: Vec<i64>,
+    failed: Vec<Written>,
+    error: Option<amqp::Error>,
+}
+
+type Confirming = Pin<Box<dyn Future<Output = Settled> + Send + Sync>>;
+
+/// The relay's state between two turns of its loop.
+struct Pipeline {
+    /// Batches sent and not yet confirmed.
+    confirming: FuturesUnordered<Confirming>,
+    /// Ids of the rows in `confirming`.
+    unconfirmed: BTreeSet<i64>,
+    /// Confirmed rows not yet deleted, and since when the oldest waits.
+    to_delete: Vec<i64>,
+    delete_due: Option<Instant>,
+    /// No publishing before this instant (backoff after a failure).
+    paused_until: Instant,
+    failures: u32,
+    next_scan: Instant,
+}
+
+impl Pipeline {
+    /// The smallest id this relay holds (sent, or confirmed and not deleted).
+    fn min_id(&self) -> Option<i64> {
+        let sent = self.unconfirmed.first().copied();
+        let confirmed = self.to_delete.iter().min().copied();
+        sent.into_iter().chain(confirmed).min()
+    }
 }
 
 impl Relay {
@@ -225,18 +310,28 @@ impl Relay {
         // table: between two vacuums the outbox is a few live rows in many
         // pages of dead ones, and the statistics make a sequential scan look
         // cheap when it is not (measured: milliseconds instead of 0.1 ms).
+        // Its commits are asynchronous: they only delete sent rows, and a
+        // delete lost in a crash sends them again (receivers deduplicate).
         let options = (*self.pool.connect_options())
             .clone()
-            .options([("enable_seqscan", "off")]);
+            .options([("enable_seqscan", "off"), ("synchronous_commit", "off")]);
         self.pool = PgPoolOptions::new()
             .max_connections(1)
             .acquire_timeout(Duration::from_secs(5))
             .test_before_acquire(false)
             .connect_lazy_with(options);
-        let mut link: Option<(Connection, Publisher)> = None;
-        let mut failures = 0u32;
         let batch_size = usize::try_from(self.batch_size).unwrap_or(1).max(1);
-        let mut next_scan = Instant::now();
+        let max_unconfirmed = batch_size * 4;
+        let mut link: Option<(Connection, Publisher)> = None;
+        let mut p = Pipeline {
+            confirming: FuturesUnordered::new(),
+            unconfirmed: BTreeSet::new(),
+            to_delete: Vec::new(),
+            delete_due: None,
+            paused_until: Instant::now(),
+            failures: 0,
+            next_scan: Instant::now(),
+        };
         while !shutdown.is_cancelled() {
             let usable = link.as_ref().is_some_and(|(_, p)| p.is_usable());
             if !usable {
@@ -264,48 +359,64 @@ impl Relay {
                 }
             }
             let Some((_, publisher)) = link.as_ref() else { continue };
-            if !self.linger.is_zero() && (1..batch_size).contains(&self.handoff.len()) {
-                tokio::time::sleep(self.linger).await;
+            let now = Instant::now();
+            // Publish what was handed off, while the broker keeps up.
+            let room = max_unconfirmed.saturating_sub(p.unconfirmed.len());
+            if room > 0 && now >= p.paused_until {
+                if !self.linger.is_zero() && p.confirming.is_empty() && (1..batch_size).contains(&self.handoff.len()) {
+                    tokio::time::sleep(self.linger).await;
+                }
+                let rows = self.handoff.take(batch_size.min(room));
+                if !rows.is_empty() {
+                    p.unconfirmed.extend(rows.iter().map(|(id, _)| *id));
+                    p.confirming.push(send(publisher, rows).await);
+                    continue;
+                }
             }
-            let ids = self.handoff.take(batch_size);
-            let claim = if !ids.is_empty() {
-                Claim::Ids(ids)
-            } else if Instant::now() >= next_scan {
-                Claim::Oldest
-            } else {
-                tokio::select! {
-                    () = self.handoff.wake.notified() => {}
-                    () = tokio::time::sleep_until(next_scan) => {}
-                    () = shutdown.cancelled() => {}
+            if self.delete_if_due(&mut p, batch_size, now).await {
+                continue;
+            }
+            if now >= p.next_scan && now >= p.paused_until {
+                if !self.scan(publisher, &mut p, batch_size).await {
+                    link = None;
                 }
                 continue;
-            };
-            let scan = matches!(claim, Claim::Oldest);
-            match self.relay_batch(publisher, &claim).await {
-                Ok(n) => {
-                    failures = 0;
-                    // A full scan means a backlog: scan again at once.
-                    if scan && n < batch_size {
-                        next_scan = Instant::now() + self.poll_interval;
-                    }
-                }
-                Err(e) => {
-                    failures += 1;
-                    tracing::warn!(error = %e, failures, "outbox relay batch failed; it stays in the outbox");
-                    if let Claim::Ids(ids) = claim {
-                        self.handoff.give_back(ids);
-                    }
-                    if matches!(e, Error::Amqp(_)) {
+            }
+            let deadline = [
+                Some(p.next_scan),
+                p.delete_due,
+                Some(p.paused_until).filter(|t| *t > now),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(p.next_scan);
+            let can_send = room > 0 && now >= p.paused_until;
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => {}
+                Some(settled) = p.confirming.next(), if !p.confirming.is_empty() => {
+                    if self.settle(&mut p, settled) {
                         link = None;
                     }
-                    let wait = Duration::from_millis((50u64 << failures.min(6)).min(3_000));
-                    tokio::select! {
-                        () = tokio::time::sleep(wait) => {}
-                        () = shutdown.cancelled() => {}
-                    }
                 }
+                () = self.handoff.wake.notified(), if can_send => {}
+                () = tokio::time::sleep_until(deadline) => {}
             }
         }
+        // Stopping: what was sent is confirmed (or goes back to the table's
+        // care), and what was confirmed is deleted.
+        let drained = tokio::time::timeout(SHUTDOWN_CONFIRMS, async {
+            while let Some(settled) = p.confirming.next().await {
+                self.settle(&mut p, settled);
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("confirms still pending at shutdown; those rows stay in the outbox");
+        }
+        p.delete_due = Some(Instant::now());
+        self.delete_if_due(&mut p, 0, Instant::now()).await;
         if let Some((conn, publisher)) = link {
             publisher.close().await;
             let _ = conn.close(200, "shutdown".into()).await;
@@ -314,31 +425,111 @@ impl Relay {
         tracing::info!("outbox relay stopped");
     }
 
-    /// Claims, publishes and deletes one batch. Returns how many rows it sent.
-    /// Rows another relay has claimed are skipped, never waited for.
-    async fn relay_batch(&self, publisher: &Publisher, claim: &Claim) -> Result<usize> {
-        let mut tx = self.pool.begin().await?;
-        let rows = match claim {
-            Claim::Ids(ids) => sqlx::query(
-                "DELETE FROM outbox WHERE id IN (
-                     SELECT id FROM outbox WHERE id = ANY($1) FOR UPDATE SKIP LOCKED)
-                 RETURNING id, message_id, exchange, routing_key, message_type, correlation_id, headers, body",
-            )
-            .bind(ids),
-            Claim::Oldest => sqlx::query(
-                "DELETE FROM outbox WHERE id IN (
-                     SELECT id FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
-                 RETURNING id, message_id, exchange, routing_key, message_type, correlation_id, headers, body",
-            )
-            .bind(self.batch_size),
+    /// Books a batch's confirms. Returns true if the channel must be replaced.
+    fn settle(&self, p: &mut Pipeline, settled: Settled) -> bool {
+        for id in settled.confirmed.iter().chain(settled.failed.iter().map(|(id, _)| id)) {
+            p.unconfirmed.remove(id);
         }
+        if !settled.confirmed.is_empty() {
+            self.faults.crash("crash_after_publish");
+            p.delete_due.get_or_insert_with(|| Instant::now() + DELETE_DELAY);
+            p.to_delete.extend(settled.confirmed);
+        }
+        let Some(error) = settled.error else {
+            p.failures = 0;
+            return false;
+        };
+        // Failed rows are still in the table; they go back to the front of
+        // the handoff, and publishing pauses for a while.
+        self.handoff.give_back(settled.failed);
+        self.failed(p, &error);
+        !matches!(error, amqp::Error::Unroutable(..) | amqp::Error::Nacked(_))
+    }
+
+    fn failed(&self, p: &mut Pipeline, error: &amqp::Error) {
+        let now = Instant::now();
+        if now >= p.paused_until {
+            p.failures += 1;
+            let wait = Duration::from_millis((50u64 << p.failures.min(6)).min(3_000));
+            p.paused_until = now + wait;
+        }
+        tracing::warn!(error = %error, failures = p.failures, "outbox relay batch failed; it stays in the outbox");
+    }
+
+    /// Deletes the confirmed rows if enough of them wait, or the oldest has
+    /// waited long enough. Returns whether it ran a statement.
+    async fn delete_if_due(&self, p: &mut Pipeline, batch_size: usize, now: Instant) -> bool {
+        let due = p.delete_due.is_some_and(|t| now >= t) || (batch_size > 0 && p.to_delete.len() >= batch_size);
+        if !due || p.to_delete.is_empty() {
+            return false;
+        }
+        let result = sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
+            .bind(&p.to_delete)
+            .execute(&self.pool)
+            .await;
+        match result {
+            Ok(_) => {
+                p.to_delete.clear();
+                p.delete_due = None;
+            }
+            // Kept for the next try; they are published already, so a
+            // crash before it only sends them again.
+            Err(e) => {
+                tracing::warn!(error = %e, rows = p.to_delete.len(), "cannot delete sent outbox rows; will retry");
+                p.delete_due = Some(now + DELETE_DELAY * 4);
+            }
+        }
+        true
+    }
+
+    /// One batch of the scan: rows not handed off to this relay (older than
+    /// [`SCAN_GRACE`], and below every id it holds), published and deleted
+    /// in one transaction. Returns false if the channel must be replaced.
+    async fn scan(&self, publisher: &Publisher, p: &mut Pipeline, batch_size: usize) -> bool {
+        let floor = [self.handoff.min_id(), p.min_id()].into_iter().flatten().min();
+        match self.scan_batch(publisher, floor.unwrap_or(i64::MAX)).await {
+            Ok(n) => {
+                // A full batch means a backlog: scan again at once.
+                if n < batch_size {
+                    p.next_scan = Instant::now() + self.poll_interval;
+                }
+                true
+            }
+            Err(Error::Amqp(e)) => {
+                p.next_scan = Instant::now() + self.poll_interval;
+                self.failed(p, &e);
+                matches!(e, amqp::Error::Unroutable(..) | amqp::Error::Nacked(_))
+            }
+            Err(e) => {
+                p.next_scan = Instant::now() + self.poll_interval;
+                tracing::warn!(error = %e, "outbox scan failed; the rows stay in the outbox");
+                true
+            }
+        }
+    }
+
+    /// Claims, publishes and deletes one batch of the scan. Returns how
+    /// many rows it sent. Rows another relay has claimed are skipped,
+    /// never waited for.
+    async fn scan_batch(&self, publisher: &Publisher, floor: i64) -> Result<usize> {
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query(
+            "DELETE FROM outbox WHERE id IN (
+                 SELECT id FROM outbox
+                 WHERE id < $2 AND created_at < now() - make_interval(secs => $3)
+                 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
+             RETURNING id, message_id, exchange, routing_key, message_type, correlation_id, headers, body",
+        )
+        .bind(self.batch_size)
+        .bind(floor)
+        .bind(SCAN_GRACE.as_secs_f64())
         .fetch_all(&mut *tx)
         .await?;
         if rows.is_empty() {
             tx.rollback().await?;
             return Ok(0);
         }
-        let mut batch: Vec<(i64, OutgoingMessage)> = Vec::with_capacity(rows.len());
+        let mut batch: Vec<Written> = Vec::with_capacity(rows.len());
         for row in rows {
             let headers: serde_json::Value = row.try_get("headers")?;
             let headers: BTreeMap<String, String> = serde_json::from_value(headers)?;
@@ -360,7 +551,48 @@ impl Relay {
         publisher.publish_all(&messages).await?;
         self.faults.crash("crash_after_publish");
         tx.commit().await?;
-        tracing::debug!(sent = messages.len(), "outbox batch published");
+        tracing::debug!(sent = messages.len(), "outbox rows found by the scan published");
         Ok(messages.len())
     }
+}
+
+/// Sends a batch, and returns the future of its confirms. A row that could
+/// not be sent fails at once, with every row after it.
+async fn send(publisher: &Publisher, rows: Vec<Written>) -> Confirming {
+    let mut sent = Vec::with_capacity(rows.len());
+    let mut unsent = Vec::new();
+    let mut error = None;
+    let mut rows = rows.into_iter();
+    for row in rows.by_ref() {
+        match publisher.send(&row.1).await {
+            Ok(confirm) => sent.push((row, confirm)),
+            Err(e) => {
+                error = Some(e);
+                unsent.push(row);
+                break;
+            }
+        }
+    }
+    unsent.extend(rows);
+    Box::pin(async move {
+        let mut settled = Settled {
+            confirmed: Vec::with_capacity(sent.len()),
+            failed: Vec::new(),
+            error: None,
+        };
+        for (row, confirm) in sent {
+            match amqp::confirmed(&row.1, confirm).await {
+                Ok(()) => settled.confirmed.push(row.0),
+                Err(e) => {
+                    settled.error.get_or_insert(e);
+                    settled.failed.push(row);
+                }
+            }
+        }
+        if let Some(e) = error {
+            settled.error.get_or_insert(e);
+            settled.failed.extend(unsent);
+        }
+        settled
+    })
 }

@@ -7,5 +7,6 @@ mod locks;
 mod messaging;
 mod operator;
 mod ops;
+mod relay;
 mod retention;
 mod saga;

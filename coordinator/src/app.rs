@@ -59,10 +59,10 @@ pub struct Config {
     /// Replies applied in one transaction at most.
     #[arg(long, env = "REPLY_BATCH", default_value_t = 128)]
     pub reply_batch: usize,
-    /// How long a batch of replies (or the relay, of outbox rows) waits for
-    /// more once it has one: a little latency per hop for far fewer
-    /// transactions under moderate load. 0 never waits.
-    #[arg(long, env = "BATCH_LINGER_MS", default_value_t = 0)]
+    /// How long a batch of replies, of new orders (`POST /v1/orders`) or of
+    /// outbox rows waits for more once it has one: a little latency per hop
+    /// for far fewer transactions under moderate load. 0 never waits.
+    #[arg(long, env = "BATCH_LINGER_MS", default_value_t = 1)]
     pub batch_linger_ms: u64,
     /// New orders written by one statement (one commit) at most: the
     /// `POST /v1/orders` requests waiting when the previous batch is done.
@@ -286,7 +286,11 @@ impl Application {
                 .run(shutdown.child_token()),
             );
         }
-        let (intake, intake_task) = OrderIntake::spawn(self.store.clone(), c.order_batch);
+        let (intake, intake_task) = OrderIntake::spawn(
+            self.store.clone(),
+            c.order_batch,
+            Duration::from_millis(c.batch_linger_ms),
+        );
         tasks.close();
         let state = ApiState {
             store: self.store.clone(),

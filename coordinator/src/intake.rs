@@ -2,10 +2,12 @@
 //! together are written by one statement in one transaction (their keys,
 //! sagas, orders and first commands), instead of a commit each.
 //!
-//! One task takes what is waiting (never waiting for more, so a lone order
-//! goes at once), writes it with [`Store::create_orders`], and answers each
-//! request. If the batch statement fails, each order of the batch is written
+//! One task takes what is waiting (and what arrives within the linger,
+//! `BATCH_LINGER_MS`), writes it with [`Store::create_orders`], and answers
+//! each request. If the batch statement fails, each order of the batch is written
 //! on its own, so each request gets its own answer or error.
+
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -27,11 +29,12 @@ pub struct OrderIntake {
 }
 
 impl OrderIntake {
-    /// Starts the writer task; `max_batch` orders per statement at most.
-    pub fn spawn(store: Store, max_batch: usize) -> (Self, JoinHandle<()>) {
+    /// Starts the writer task; `max_batch` orders per statement at most,
+    /// and a batch waits up to `linger` for more once it has one.
+    pub fn spawn(store: Store, max_batch: usize, linger: Duration) -> (Self, JoinHandle<()>) {
         let max_batch = max_batch.max(1);
         let (tx, rx) = mpsc::channel(max_batch * 4);
-        let task = tokio::spawn(write_batches(store, rx, max_batch));
+        let task = tokio::spawn(write_batches(store, rx, max_batch, linger));
         (Self { tx }, task)
     }
 
@@ -54,7 +57,7 @@ impl OrderIntake {
 /// Batches written at once at most: a new batch forms while others commit.
 const WRITERS: usize = 4;
 
-async fn write_batches(store: Store, mut rx: mpsc::Receiver<PendingOrder>, max_batch: usize) {
+async fn write_batches(store: Store, mut rx: mpsc::Receiver<PendingOrder>, max_batch: usize, linger: Duration) {
     let writers = std::sync::Arc::new(tokio::sync::Semaphore::new(WRITERS));
     let mut running = tokio::task::JoinSet::new();
     loop {
@@ -64,6 +67,14 @@ async fn write_batches(store: Store, mut rx: mpsc::Receiver<PendingOrder>, max_b
         let mut batch = Vec::with_capacity(max_batch);
         if rx.recv_many(&mut batch, max_batch).await == 0 {
             break;
+        }
+        let until = tokio::time::Instant::now() + linger;
+        while !linger.is_zero() && batch.len() < max_batch {
+            let more = max_batch - batch.len();
+            match tokio::time::timeout_at(until, rx.recv_many(&mut batch, more)).await {
+                Ok(n) if n > 0 => {}
+                _ => break, // the linger is over, or the intake closed
+            }
         }
         let store = store.clone();
         running.spawn(async move {

@@ -71,7 +71,7 @@ pub struct Config {
     /// How long a batch waits for more commands once it has one (and the
     /// reply relay, for more replies): a little latency per hop for far fewer
     /// transactions under moderate load. 0 never waits.
-    #[arg(long, env = "BATCH_LINGER_MS", default_value_t = 0)]
+    #[arg(long, env = "BATCH_LINGER_MS", default_value_t = 1)]
     pub batch_linger_ms: u64,
     /// Unacknowledged commands the broker may push to this process.
     #[arg(long, env = "PREFETCH", default_value_t = 256)]

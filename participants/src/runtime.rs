@@ -539,9 +539,9 @@ impl<H: Handler> Runtime<H> {
     /// (nothing was committed); per-command failures are in the `Ok` vector.
     ///
     /// Actions whose handler is [all-or-nothing](Handler::all_or_nothing)
-    /// take the direct path: one query finds the barrier rows that already
-    /// exist (those commands get their stored reply), the others run their
-    /// handler with no savepoint, and one insert writes all their barrier
+    /// take the direct path: if the batch holds a retry, one query finds the
+    /// barrier rows that already exist (those commands get their stored
+    /// reply); the others run their handler with no savepoint, and one insert writes all their barrier
     /// rows with their replies. If that insert finds a row another
     /// transaction wrote meanwhile, or a handler fails, the whole batch is
     /// rolled back and run again command by command on the savepoint path.
@@ -566,8 +566,15 @@ impl<H: Handler> Runtime<H> {
             .map(|(c, _)| c.command)
             .collect();
         // Replies of the actions on the direct path, by (saga, step): stored
-        // ones first, then each one handled in this batch.
-        let mut known = stored_action_replies(&mut tx, &direct_commands).await?;
+        // ones first, then each one handled in this batch. Only a retry
+        // (attempt > 1) is likely to find one stored; a first attempt that
+        // does (a duplicate delivery) makes the barrier insert come up
+        // short, and the batch reruns on the savepoint path, which replays.
+        let mut known = if direct_commands.iter().any(|c| c.attempt > 1) {
+            stored_action_replies(&mut tx, &direct_commands).await?
+        } else {
+            HashMap::new()
+        };
         let mut fresh: Vec<(&CommandEnvelope, &str, ReplyEnvelope)> = Vec::new();
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut replies = Vec::with_capacity(batch.len());

@@ -115,7 +115,8 @@ async fn passwords_and_tokens_appear_in_no_answer_and_no_log() {
         skald_wire::faults::Faults::parse("", &["coordinator"]).unwrap(),
     );
     let bad_amqp = format!("amqp://{}:{wrong_pw}@127.0.0.1:5672/{vhost}", user.0);
-    let (intake, _intake_task) = skald_coordinator::intake::OrderIntake::spawn(store.clone(), 8);
+    let (intake, _intake_task) =
+        skald_coordinator::intake::OrderIntake::spawn(store.clone(), 8, std::time::Duration::ZERO);
     let state = ApiState {
         store,
         intake,

@@ -2,13 +2,14 @@
 //! together are written by one statement in one transaction (their keys,
 //! sagas, orders and first commands), instead of a commit each.
 //!
-//! One task takes what is waiting (and what arrives within the linger,
-//! `BATCH_LINGER_MS`), writes it with [`Store::create_orders`], and answers
+//! One task takes what is waiting (and, while orders keep coming, what
+//! arrives within the linger, `BATCH_LINGER_MS`), writes it with [`Store::create_orders`], and answers
 //! each request. If the batch statement fails, each order of the batch is written
 //! on its own, so each request gets its own answer or error.
 
 use std::time::Duration;
 
+use skald_wire::linger::Linger;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
@@ -59,6 +60,7 @@ const WRITERS: usize = 4;
 
 async fn write_batches(store: Store, mut rx: mpsc::Receiver<PendingOrder>, max_batch: usize, linger: Duration) {
     let writers = std::sync::Arc::new(tokio::sync::Semaphore::new(WRITERS));
+    let mut linger = Linger::new(linger);
     let mut running = tokio::task::JoinSet::new();
     loop {
         let Ok(permit) = writers.clone().acquire_owned().await else {
@@ -68,8 +70,9 @@ async fn write_batches(store: Store, mut rx: mpsc::Receiver<PendingOrder>, max_b
         if rx.recv_many(&mut batch, max_batch).await == 0 {
             break;
         }
-        let until = tokio::time::Instant::now() + linger;
-        while !linger.is_zero() && batch.len() < max_batch {
+        let wait = linger.begin();
+        let until = tokio::time::Instant::now() + wait;
+        while !wait.is_zero() && batch.len() < max_batch {
             let more = max_batch - batch.len();
             match tokio::time::timeout_at(until, rx.recv_many(&mut batch, more)).await {
                 Ok(n) if n > 0 => {}
@@ -81,6 +84,7 @@ async fn write_batches(store: Store, mut rx: mpsc::Receiver<PendingOrder>, max_b
             write_batch(&store, batch).await;
             drop(permit);
         });
+        linger.end();
         // Reap the finished ones so the set stays small.
         while running.try_join_next().is_some() {}
     }

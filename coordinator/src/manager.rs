@@ -11,6 +11,7 @@ use lapin::types::FieldTable;
 use skald_engine::{Event, Outcome};
 use skald_wire::amqp::{self, Publisher, Topology};
 use skald_wire::contract::{REPLIES_QUEUE, ReplyEnvelope, ReplyOutcome};
+use skald_wire::linger::Linger;
 use tokio_util::sync::CancellationToken;
 
 use crate::store::{ReplyEvent, Store, Verdict};
@@ -25,7 +26,8 @@ pub struct ReplyConsumer {
     pub prefetch: u16,
     /// Replies applied in one PostgreSQL transaction at most.
     pub batch_max: usize,
-    /// How long a batch waits for more replies once it has one.
+    /// How long a batch waits for more replies once it has one (while
+    /// replies keep coming, see [`Linger`]).
     pub linger: Duration,
     /// Redeliveries after which a reply is dead-lettered as poison.
     pub max_redeliveries: i32,
@@ -67,6 +69,7 @@ impl ReplyConsumer {
                 FieldTable::default(),
             )
             .await?;
+        let mut linger = Linger::new(self.linger);
         loop {
             let first = tokio::select! {
                 d = consumer.next() => d,
@@ -81,8 +84,9 @@ impl ReplyConsumer {
                 Some(d) => vec![d?],
                 None => return Ok(()),
             };
-            let lost = amqp::gather(&mut consumer, &mut batch, self.batch_max, self.linger).await;
+            let lost = amqp::gather(&mut consumer, &mut batch, self.batch_max, linger.begin()).await;
             self.process(&batch, &dead_letters, shutdown).await?;
+            linger.end();
             if let Some(e) = lost {
                 return Err(e.into());
             }

@@ -34,6 +34,7 @@ use skald_wire::contract::{
     CommandEnvelope, REPLIES_EXCHANGE, REPLIES_ROUTING_KEY, ReplyEnvelope, ReplyOutcome, command_queue,
 };
 use skald_wire::faults::Faults;
+use skald_wire::linger::Linger;
 use skald_wire::outbox::{Handoff, Written};
 use sqlx::{Acquire, PgConnection, PgPool, Row};
 use tokio_util::sync::CancellationToken;
@@ -304,6 +305,7 @@ impl<H: Handler> Runtime<H> {
                 FieldTable::default(),
             )
             .await?;
+        let mut linger = Linger::new(self.config.linger);
         let result = loop {
             let next = tokio::select! {
                 d = consumer.next() => d,
@@ -318,14 +320,9 @@ impl<H: Handler> Runtime<H> {
                 None => break Ok(()),
             };
             // Whatever else the broker delivers within the linger joins the batch.
-            let lost = amqp::gather(
-                &mut consumer,
-                &mut batch,
-                self.config.batch_max.max(1),
-                self.config.linger,
-            )
-            .await;
+            let lost = amqp::gather(&mut consumer, &mut batch, self.config.batch_max.max(1), linger.begin()).await;
             self.on_batch(batch, &dead_letters, &queue).await;
+            linger.end();
             if let Some(e) = lost {
                 break Err(e.into());
             }

@@ -24,6 +24,7 @@ pub mod amqp;
 pub mod contract;
 pub mod db;
 pub mod faults;
+pub mod linger;
 pub mod metrics;
 pub mod outbox;
 pub mod redelivery;

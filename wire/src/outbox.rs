@@ -29,6 +29,7 @@ use uuid::Uuid;
 
 use crate::amqp::{self, OutgoingMessage, Publisher, Topology};
 use crate::faults::Faults;
+use crate::linger::Linger;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -265,7 +266,8 @@ pub struct Relay {
     pub batch_size: i64,
     /// Interval of the scan for rows written by other processes or left by a crash.
     pub poll_interval: Duration,
-    /// How long a batch of handed-off rows waits for more before it is sent.
+    /// How long a batch of handed-off rows waits for more before it is sent
+    /// (see [`Linger`]: only while rows keep coming).
     pub linger: Duration,
     pub faults: Faults,
 }
@@ -323,6 +325,7 @@ impl Relay {
         let batch_size = usize::try_from(self.batch_size).unwrap_or(1).max(1);
         let max_unconfirmed = batch_size * 4;
         let mut link: Option<(Connection, Publisher)> = None;
+        let mut linger = Linger::new(self.linger);
         let mut p = Pipeline {
             confirming: FuturesUnordered::new(),
             unconfirmed: BTreeSet::new(),
@@ -363,13 +366,15 @@ impl Relay {
             // Publish what was handed off, while the broker keeps up.
             let room = max_unconfirmed.saturating_sub(p.unconfirmed.len());
             if room > 0 && now >= p.paused_until {
-                if !self.linger.is_zero() && p.confirming.is_empty() && (1..batch_size).contains(&self.handoff.len()) {
-                    tokio::time::sleep(self.linger).await;
+                let wait = linger.begin();
+                if !wait.is_zero() && p.confirming.is_empty() && (1..batch_size).contains(&self.handoff.len()) {
+                    tokio::time::sleep(wait).await;
                 }
                 let rows = self.handoff.take(batch_size.min(room));
                 if !rows.is_empty() {
                     p.unconfirmed.extend(rows.iter().map(|(id, _)| *id));
                     p.confirming.push(send(publisher, rows).await);
+                    linger.end();
                     continue;
                 }
             }

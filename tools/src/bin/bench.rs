@@ -419,7 +419,7 @@ async fn run(
         workload::close(&dbs).await;
         let p = p.context("preload")?;
         eprintln!(
-            "  {} sagas in {:.1} s ({:.0}/s), VACUUM (ANALYZE) {:.1} s; database sizes (MiB): {}",
+            "  {} sagas in {:.1} s ({:.0}/s), VACUUM (ANALYZE) and CHECKPOINT {:.1} s; database sizes (MiB): {}",
             p.sagas,
             p.secs,
             p.sagas_per_sec,

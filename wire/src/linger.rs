@@ -1,0 +1,65 @@
+//! How long a batch waits for more work once it has some.
+//!
+//! Waiting builds bigger batches (fewer transactions and broker round trips)
+//! but adds its wait to every hop. It pays only while work keeps coming, so
+//! a batch lingers only if it began soon after the previous one ended (the
+//! gap shorter than [`BUSY_GAP`] lingers); a lone message at low load goes
+//! at once.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// A batch that begins within this many lingers of the previous one's end
+/// lingers. Measured: 2 lingered too rarely to help at 313 orders/s.
+pub const BUSY_GAP: u32 = 5;
+
+#[derive(Debug, Clone)]
+pub struct Linger {
+    wait: Duration,
+    last_end: Option<Instant>,
+}
+
+impl Linger {
+    /// `wait` of zero never waits.
+    pub fn new(wait: Duration) -> Self {
+        Self { wait, last_end: None }
+    }
+
+    /// Call when a batch has its first item: how long it may wait for more.
+    pub fn begin(&self) -> Duration {
+        let now = Instant::now();
+        match self.last_end {
+            Some(end) if now.saturating_duration_since(end) < self.wait * BUSY_GAP => self.wait,
+            _ => Duration::ZERO,
+        }
+    }
+
+    /// Call when a batch is done.
+    pub fn end(&mut self) {
+        self.last_end = Some(Instant::now());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn lingers_only_right_after_a_batch() {
+        let mut linger = Linger::new(Duration::from_millis(1));
+        assert_eq!(linger.begin(), Duration::ZERO, "the first batch goes at once");
+        linger.end();
+        tokio::time::advance(Duration::from_micros(500)).await;
+        assert_eq!(linger.begin(), Duration::from_millis(1), "work keeps coming");
+        linger.end();
+        tokio::time::advance(Duration::from_millis(4)).await;
+        assert_eq!(linger.begin(), Duration::from_millis(1), "still busy");
+        linger.end();
+        tokio::time::advance(Duration::from_millis(5)).await;
+        assert_eq!(linger.begin(), Duration::ZERO, "a lone message after a pause");
+        let mut never = Linger::new(Duration::ZERO);
+        never.end();
+        assert_eq!(never.begin(), Duration::ZERO);
+    }
+}

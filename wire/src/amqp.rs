@@ -43,6 +43,12 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         !matches!(self, Error::Cancelled)
     }
+
+    /// Whether the channel that gave this error must be replaced (a nack or
+    /// an unroutable message leaves it usable).
+    pub fn loses_channel(&self) -> bool {
+        !matches!(self, Error::Unroutable(..) | Error::Nacked(_))
+    }
 }
 
 /// Queue type for Skald's queues: `classic` on one node, `quorum` for a RabbitMQ cluster.

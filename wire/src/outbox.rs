@@ -420,8 +420,7 @@ impl Relay {
         if drained.is_err() {
             tracing::warn!("confirms still pending at shutdown; those rows stay in the outbox");
         }
-        p.delete_due = Some(Instant::now());
-        self.delete_if_due(&mut p, 0, Instant::now()).await;
+        self.delete(&mut p).await;
         if let Some((conn, publisher)) = link {
             publisher.close().await;
             let _ = conn.close(200, "shutdown".into()).await;
@@ -448,7 +447,7 @@ impl Relay {
         // the handoff, and publishing pauses for a while.
         self.handoff.give_back(settled.failed);
         self.failed(p, &error);
-        !matches!(error, amqp::Error::Unroutable(..) | amqp::Error::Nacked(_))
+        error.loses_channel()
     }
 
     fn failed(&self, p: &mut Pipeline, error: &amqp::Error) {
@@ -464,9 +463,18 @@ impl Relay {
     /// Deletes the confirmed rows if enough of them wait, or the oldest has
     /// waited long enough. Returns whether it ran a statement.
     async fn delete_if_due(&self, p: &mut Pipeline, batch_size: usize, now: Instant) -> bool {
-        let due = p.delete_due.is_some_and(|t| now >= t) || (batch_size > 0 && p.to_delete.len() >= batch_size);
+        let due = p.delete_due.is_some_and(|t| now >= t) || p.to_delete.len() >= batch_size;
         if !due || p.to_delete.is_empty() {
             return false;
+        }
+        self.delete(p).await;
+        true
+    }
+
+    /// Deletes the confirmed rows (kept for the next try if that fails).
+    async fn delete(&self, p: &mut Pipeline) {
+        if p.to_delete.is_empty() {
+            return;
         }
         let result = sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
             .bind(&p.to_delete)
@@ -481,10 +489,9 @@ impl Relay {
             // crash before it only sends them again.
             Err(e) => {
                 tracing::warn!(error = %e, rows = p.to_delete.len(), "cannot delete sent outbox rows; will retry");
-                p.delete_due = Some(now + DELETE_DELAY * 4);
+                p.delete_due = Some(Instant::now() + DELETE_DELAY * 4);
             }
         }
-        true
     }
 
     /// One batch of the scan: rows not handed off to this relay (older than
@@ -492,21 +499,18 @@ impl Relay {
     /// in one transaction. Returns false if the channel must be replaced.
     async fn scan(&self, publisher: &Publisher, p: &mut Pipeline, batch_size: usize) -> bool {
         let floor = [self.handoff.min_id(), p.min_id()].into_iter().flatten().min();
-        match self.scan_batch(publisher, floor.unwrap_or(i64::MAX)).await {
-            Ok(n) => {
-                // A full batch means a backlog: scan again at once.
-                if n < batch_size {
-                    p.next_scan = Instant::now() + self.poll_interval;
-                }
-                true
-            }
+        let result = self.scan_batch(publisher, floor.unwrap_or(i64::MAX)).await;
+        // A full batch means a backlog: scan again at once.
+        if !matches!(result, Ok(n) if n >= batch_size) {
+            p.next_scan = Instant::now() + self.poll_interval;
+        }
+        match result {
+            Ok(_) => true,
             Err(Error::Amqp(e)) => {
-                p.next_scan = Instant::now() + self.poll_interval;
                 self.failed(p, &e);
-                matches!(e, amqp::Error::Unroutable(..) | amqp::Error::Nacked(_))
+                !e.loses_channel()
             }
             Err(e) => {
-                p.next_scan = Instant::now() + self.poll_interval;
                 tracing::warn!(error = %e, "outbox scan failed; the rows stay in the outbox");
                 true
             }

@@ -568,21 +568,22 @@ impl Relay {
 /// Sends a batch, and returns the future of its confirms. A row that could
 /// not be sent fails at once, with every row after it.
 async fn send(publisher: &Publisher, rows: Vec<Written>) -> Confirming {
+    let results = publisher.send_all(rows.iter().map(|(_, m)| m)).await;
     let mut sent = Vec::with_capacity(rows.len());
     let mut unsent = Vec::new();
     let mut error = None;
-    let mut rows = rows.into_iter();
-    for row in rows.by_ref() {
-        match publisher.send(&row.1).await {
-            Ok(confirm) => sent.push((row, confirm)),
+    for (row, result) in rows.into_iter().zip(results) {
+        // After a failure, rows count as unsent even if their send went
+        // through: they are sent again, and receivers deduplicate.
+        match result {
+            Ok(confirm) if error.is_none() => sent.push((row, confirm)),
+            Ok(_) => unsent.push(row),
             Err(e) => {
-                error = Some(e);
+                error.get_or_insert(e);
                 unsent.push(row);
-                break;
             }
         }
     }
-    unsent.extend(rows);
     Box::pin(async move {
         let mut settled = Settled {
             confirmed: Vec::with_capacity(sent.len()),

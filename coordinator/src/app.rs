@@ -24,7 +24,8 @@ use crate::store::Store;
 
 pub const BODY_LIMIT_DEFAULT: usize = 64 * 1024;
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/coordinator");
+/// The coordinator database's migrations.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/coordinator");
 
 /// Coordinator settings; every field is an environment variable (see `--help`).
 #[derive(Debug, Clone, clap::Parser)]

@@ -1,8 +1,12 @@
 //! The saga store: every transition is computed by the pure engine and
 //! written, with the commands it causes (outbox rows), in one PostgreSQL
-//! transaction. Rows are locked `FOR UPDATE` (replies, operator actions) or
-//! claimed `FOR UPDATE SKIP LOCKED` (the sweeper), so any number of
-//! coordinators can share the database without processing a saga twice.
+//! statement. Every write bumps the saga's `version`, and writes only if
+//! the version is still the one read, so any number of coordinators can
+//! share the database without processing a saga twice. Replies are applied
+//! optimistically (read, compute, one conditional write; a saga that moved
+//! meanwhile is read again): two round trips, no row locks. Operator
+//! actions lock the row `FOR UPDATE`, the sweeper claims rows
+//! `FOR UPDATE SKIP LOCKED`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -42,6 +46,8 @@ pub enum Error {
     CorruptState(#[from] serde_json::Error),
     #[error("the coordinator is shutting down and takes no new orders")]
     IntakeClosed,
+    #[error("saga {0} kept changing under its replies (another coordinator or an operator action)")]
+    Contended(Uuid),
 }
 
 impl Error {
@@ -49,7 +55,7 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            Error::Db(_) | Error::Outbox(skald_wire::outbox::Error::Db(_)) | Error::IntakeClosed
+            Error::Db(_) | Error::Outbox(skald_wire::outbox::Error::Db(_)) | Error::IntakeClosed | Error::Contended(_)
         )
     }
 }
@@ -131,6 +137,8 @@ pub struct Store {
 
 struct Loaded {
     id: Uuid,
+    /// As read: the write happens only if it is still this.
+    version: i64,
     def: Arc<SagaDefinition>,
     state: SagaState,
     payload: Value,
@@ -307,44 +315,62 @@ impl Store {
         }))
     }
 
-    /// Applies a batch of replies in one transaction. Returns a verdict per reply, in order.
+    /// Applies a batch of replies: one read, the engine, one conditional
+    /// write (an implicit transaction). The replies of a saga another writer
+    /// changed between the read and the write are applied again on its new
+    /// state, up to [`APPLY_ROUNDS`] times. Returns a verdict per reply, in order.
     #[tracing::instrument(skip_all, fields(replies = replies.len()))]
     pub async fn apply_replies(&self, replies: &[ReplyEvent]) -> Result<Vec<Verdict>> {
-        let mut ids: Vec<Uuid> = replies.iter().map(|r| r.saga_id).collect();
-        ids.sort();
-        ids.dedup();
-        let mut tx = self.pool.begin().await?;
-        // Sorted ids: two coordinators locking overlapping batches cannot deadlock.
-        let rows =
-            sqlx::query("SELECT id, saga_type, state, payload FROM sagas WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+        let mut verdicts: Vec<Option<Verdict>> = vec![None; replies.len()];
+        let mut pending: Vec<usize> = (0..replies.len()).collect();
+        let mut conn = self.pool.acquire().await?;
+        for _ in 0..APPLY_ROUNDS {
+            let mut ids: Vec<Uuid> = pending.iter().map(|&i| replies[i].saga_id).collect();
+            ids.sort();
+            ids.dedup();
+            let rows = sqlx::query("SELECT id, version, saga_type, state, payload FROM sagas WHERE id = ANY($1)")
                 .bind(&ids)
-                .fetch_all(&mut *tx)
+                .fetch_all(&mut *conn)
                 .await?;
-        let mut loaded = HashMap::with_capacity(rows.len());
-        for row in rows {
-            let l = self.load(&row)?;
-            loaded.insert(l.id, l);
-        }
-        let ctx = ctx();
-        let mut verdicts = Vec::with_capacity(replies.len());
-        for r in replies {
-            let Some(saga) = loaded.get_mut(&r.saga_id) else {
-                verdicts.push(Verdict::Poison(format!("unknown saga {}", r.saga_id)));
-                continue;
-            };
-            verdicts.push(
-                match skald_engine::apply(&saga.def, saga.state.clone(), r.event.clone(), ctx) {
+            let mut loaded = HashMap::with_capacity(rows.len());
+            for row in rows {
+                let l = self.load(&row)?;
+                loaded.insert(l.id, l);
+            }
+            let ctx = ctx();
+            let mut computed = Vec::with_capacity(pending.len());
+            for &i in &pending {
+                let r = &replies[i];
+                let Some(saga) = loaded.get_mut(&r.saga_id) else {
+                    computed.push((i, Verdict::Poison(format!("unknown saga {}", r.saga_id))));
+                    continue;
+                };
+                let verdict = match skald_engine::apply(&saga.def, saga.state.clone(), r.event.clone(), ctx) {
                     Ok(t) => absorb(saga, t),
                     Err(e @ EngineError::UnknownStep { .. }) => Verdict::Poison(e.to_string()),
                     Err(e) => return Err(e.into()),
-                },
-            );
+                };
+                computed.push((i, verdict));
+            }
+            let written = self.persist(&mut conn, loaded.into_values().collect(), ctx.now).await?;
+            self.after_commit(written.outbox);
+            written.observed.record();
+            pending.clear();
+            for (i, verdict) in computed {
+                if written.moved.contains(&replies[i].saga_id) {
+                    pending.push(i);
+                } else {
+                    verdicts[i] = Some(verdict);
+                }
+            }
+            if pending.is_empty() {
+                return Ok(verdicts
+                    .into_iter()
+                    .map(|v| v.unwrap_or(Verdict::Ignored("not applied")))
+                    .collect());
+            }
         }
-        let (observed, outbox) = self.persist(&mut tx, loaded.into_values().collect(), ctx.now).await?;
-        tx.commit().await?;
-        self.after_commit(outbox);
-        observed.record();
-        Ok(verdicts)
+        Err(Error::Contended(replies[pending[0]].saga_id))
     }
 
     /// Feeds a tick to up to `limit` sagas whose `wake_at` has passed
@@ -353,7 +379,7 @@ impl Store {
     pub async fn sweep(&self, limit: i64) -> Result<usize> {
         let mut tx = self.pool.begin().await?;
         let rows = sqlx::query(
-            "SELECT id, saga_type, state, payload FROM sagas
+            "SELECT id, version, saga_type, state, payload FROM sagas
              WHERE status IN ('RUNNING', 'COMPENSATING') AND wake_at <= now()
              ORDER BY wake_at LIMIT $1 FOR UPDATE SKIP LOCKED",
         )
@@ -373,17 +399,17 @@ impl Store {
             sagas.push(saga);
         }
         let n = sagas.len();
-        let (observed, outbox) = self.persist(&mut tx, sagas, ctx.now).await?;
+        let written = self.persist(&mut tx, sagas, ctx.now).await?.under_lock()?;
         tx.commit().await?;
-        self.after_commit(outbox);
-        observed.record();
+        self.after_commit(written.outbox);
+        written.observed.record();
         Ok(n)
     }
 
     /// An operator action (`Event::Retry`, `Event::Abort`) on one saga.
     pub async fn operate(&self, saga_id: Uuid, event: Event) -> Result<SagaRecord> {
         let mut tx = self.pool.begin().await?;
-        let row = sqlx::query("SELECT id, saga_type, state, payload FROM sagas WHERE id = $1 FOR UPDATE")
+        let row = sqlx::query("SELECT id, version, saga_type, state, payload FROM sagas WHERE id = $1 FOR UPDATE")
             .bind(saga_id)
             .fetch_optional(&mut *tx)
             .await?
@@ -392,10 +418,10 @@ impl Store {
         let ctx = ctx();
         let t = skald_engine::apply(&saga.def, saga.state.clone(), event, ctx)?;
         absorb(&mut saga, t);
-        let (observed, outbox) = self.persist(&mut tx, vec![saga], ctx.now).await?;
+        let written = self.persist(&mut tx, vec![saga], ctx.now).await?.under_lock()?;
         tx.commit().await?;
-        self.after_commit(outbox);
-        observed.record();
+        self.after_commit(written.outbox);
+        written.observed.record();
         self.saga(saga_id).await?.ok_or(Error::SagaNotFound(saga_id))
     }
 
@@ -472,6 +498,7 @@ impl Store {
         let saga_type: String = row.try_get("saga_type")?;
         Ok(Loaded {
             id: row.try_get("id")?,
+            version: row.try_get("version")?,
             def: self.definition(&saga_type)?,
             state: serde_json::from_value(row.try_get("state")?)?,
             payload: row.try_get("payload")?,
@@ -480,20 +507,17 @@ impl Store {
         })
     }
 
-    /// Writes the changed sagas and their commands, in the caller's transaction.
-    /// Returns what they did, to record after the commit.
-    async fn persist(
-        &self,
-        tx: &mut PgConnection,
-        sagas: Vec<Loaded>,
-        now: DateTime<Utc>,
-    ) -> Result<(Observed, Vec<Written>)> {
+    /// Writes the changed sagas whose version is still the one read, with
+    /// their commands, in one statement (in the caller's transaction, or
+    /// its own). Returns what was written, to hand off and record after the
+    /// commit, and the sagas that had moved (nothing of theirs written).
+    async fn persist(&self, conn: &mut PgConnection, sagas: Vec<Loaded>, now: DateTime<Utc>) -> Result<Persisted> {
         let changed: Vec<Loaded> = sagas.into_iter().filter(|s| s.changed).collect();
-        let mut observed = Observed::default();
         if changed.is_empty() {
-            return Ok((observed, Vec::new()));
+            return Ok(Persisted::default());
         }
         let mut ids = Vec::with_capacity(changed.len());
+        let mut versions = Vec::with_capacity(changed.len());
         let mut statuses = Vec::with_capacity(changed.len());
         let mut states = Vec::with_capacity(changed.len());
         let mut wakes = Vec::with_capacity(changed.len());
@@ -501,25 +525,31 @@ impl Store {
         let mut messages = Vec::new();
         for s in &changed {
             ids.push(s.id);
+            versions.push(s.version);
             statuses.push(s.state.status.as_str().to_owned());
             states.push(serde_json::to_value(&s.state)?);
             wakes.push(s.state.wake_at);
             finished.push(s.state.finished_at);
             messages.extend(s.commands.iter().map(|c| command_message(s.id, &s.payload, c)));
-            observed.changed(s.id, s.def.name(), &s.state, &s.commands, now);
         }
-        // One statement, one round trip: the sagas' new states and their commands.
+        // One statement, one round trip: the sagas' new states and their
+        // commands (correlation id = saga id), for the sagas not moved.
         let statement = concat!(
             "WITH changed AS (
                  UPDATE sagas AS s SET status = u.status, state = u.state, wake_at = u.wake_at,
-                        finished_at = u.finished_at, updated_at = $6
-                 FROM UNNEST($1::uuid[], $2::text[], $3::jsonb[], $4::timestamptz[], $5::timestamptz[])
-                      AS u(id, status, state, wake_at, finished_at)
-                 WHERE s.id = u.id),
+                        finished_at = u.finished_at, updated_at = $6, version = s.version + 1
+                 FROM UNNEST($1::uuid[], $2::text[], $3::jsonb[], $4::timestamptz[], $5::timestamptz[],
+                             $14::int8[])
+                      AS u(id, status, state, wake_at, finished_at, version)
+                 WHERE s.id = u.id AND s.version = u.version
+                 RETURNING s.id),
              sent AS (",
             skald_wire::outbox_unnest!(7, 8, 9, 10, 11, 12, 13),
-            " RETURNING id, message_id)
-             SELECT ARRAY (SELECT id FROM sent) AS outbox, ARRAY (SELECT message_id FROM sent) AS outbox_messages"
+            " AS m(message_id, exchange, routing_key, message_type, correlation_id, headers, body)
+                 WHERE m.correlation_id IN (SELECT id FROM changed)
+                 RETURNING id, message_id)
+             SELECT ARRAY (SELECT id FROM changed) AS written,
+                    ARRAY (SELECT id FROM sent) AS outbox, ARRAY (SELECT message_id FROM sent) AS outbox_messages"
         );
         let query = sqlx::query(statement)
             .bind(ids)
@@ -530,15 +560,54 @@ impl Store {
             .bind(now);
         let row = skald_wire::outbox::Columns::new(&messages)?
             .bind(query)
-            .fetch_one(&mut *tx)
+            .bind(versions)
+            .fetch_one(&mut *conn)
             .await?;
+        let written: std::collections::HashSet<Uuid> = row.try_get::<Vec<Uuid>, _>("written")?.into_iter().collect();
         let outbox = skald_wire::outbox::pair(row.try_get("outbox")?, row.try_get("outbox_messages")?, messages);
-        Ok((observed, outbox))
+        let mut persisted = Persisted {
+            outbox,
+            ..Persisted::default()
+        };
+        for s in &changed {
+            if written.contains(&s.id) {
+                persisted
+                    .observed
+                    .changed(s.id, s.def.name(), &s.state, &s.commands, now);
+            } else {
+                persisted.moved.push(s.id);
+            }
+        }
+        Ok(persisted)
     }
 
     fn after_commit(&self, outbox: Vec<Written>) {
         self.faults.crash("crash_after_commit");
         self.handoff.committed(outbox);
+    }
+}
+
+/// Rounds of [`Store::apply_replies`] before a saga counts as contended
+/// (the consumer then retries the batch with backoff).
+const APPLY_ROUNDS: usize = 5;
+
+/// What [`Store::persist`] wrote.
+#[derive(Default)]
+struct Persisted {
+    observed: Observed,
+    outbox: Vec<Written>,
+    /// Changed sagas whose version had moved since they were read: nothing
+    /// of theirs was written.
+    moved: Vec<Uuid>,
+}
+
+impl Persisted {
+    /// For writers that hold the rows locked: a moved saga cannot happen.
+    fn under_lock(self) -> Result<Self> {
+        match self.moved.first() {
+            Some(id) => Err(Error::Contended(*id)),
+            None => Ok(self),
+        }
     }
 }
 

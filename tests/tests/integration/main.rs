@@ -7,6 +7,7 @@ mod locks;
 mod messaging;
 mod operator;
 mod ops;
+mod optimistic;
 mod relay;
 mod retention;
 mod saga;

@@ -1,0 +1,112 @@
+//! Replies are applied without row locks (read, compute, write if the
+//! saga's version is still the one read): two writers of one saga at once
+//! write it once.
+
+use std::time::Duration;
+
+use serde_json::json;
+use skald_coordinator::domain::{NewOrder, OrderRequest};
+use skald_coordinator::store::{Created, OrderToCreate, ReplyEvent, Store, Verdict};
+use skald_engine::{Event, Kind, Outcome};
+use skald_tests::{Setup, TestEnv, order};
+
+const WITHIN: Duration = Duration::from_secs(30);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_reply_applied_by_two_coordinators_at_once_is_written_once() {
+    // No coordinator process and no participant: only this test writes the saga.
+    let mut env = TestEnv::start(Setup {
+        coordinator: false,
+        participants: vec![],
+        ..Setup::default()
+    })
+    .await;
+    let pool = skald_wire::db::connect_and_migrate(
+        &env.coordinator_config.database_url,
+        5,
+        &skald_coordinator::app::MIGRATOR,
+        2,
+    )
+    .await
+    .unwrap();
+    let store = Store::new(
+        pool.clone(),
+        env.coordinator_config.registry().unwrap(),
+        Default::default(),
+        skald_wire::faults::Faults::none(),
+    );
+    let request: OrderRequest = serde_json::from_value(order("kim", &[("sku-1", 1, 500)])).unwrap();
+    let created = store
+        .create_order(&OrderToCreate {
+            order: NewOrder::parse(request).unwrap(),
+            key: None,
+            request_hash: "test".to_owned(),
+        })
+        .await
+        .unwrap();
+    let Created::New(ids) = created else {
+        panic!("a new order: {created:?}")
+    };
+    let reply = ReplyEvent {
+        saga_id: ids.saga_id,
+        event: Event::Reply {
+            step: "create_order".to_owned(),
+            attempt: 1,
+            kind: Kind::Action,
+            outcome: Outcome::Success { data: json!({}) },
+        },
+    };
+
+    // A third transaction holds the saga's row: both applications read
+    // version 0 and compute the same transition, then wait to write it.
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM sagas WHERE id = $1 FOR UPDATE")
+        .bind(ids.saga_id)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let apply = |store: Store, reply: ReplyEvent| tokio::spawn(async move { store.apply_replies(&[reply]).await });
+    let first = apply(store.clone(), reply.clone());
+    let second = apply(store.clone(), reply.clone());
+    skald_tests::eventually("both writes waiting on the row lock", WITHIN, || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        (waiting == 2).then_some(())
+    })
+    .await;
+    holder.commit().await.unwrap();
+
+    let mut verdicts = first.await.unwrap().unwrap();
+    verdicts.extend(second.await.unwrap().unwrap());
+    let applied = verdicts.iter().filter(|v| **v == Verdict::Applied).count();
+    assert_eq!(
+        applied, 1,
+        "one application wins, the other finds a duplicate: {verdicts:?}"
+    );
+    assert!(
+        verdicts.iter().any(|v| matches!(v, Verdict::Ignored(_))),
+        "{verdicts:?}"
+    );
+    let version: i64 = sqlx::query_scalar("SELECT version FROM sagas WHERE id = $1")
+        .bind(ids.saga_id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(version, 1, "the saga was written once");
+    let charges: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE correlation_id = $1 AND message_type = 'ChargePayment'")
+            .bind(ids.saga_id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(charges, 1, "one ChargePayment command, not one per application");
+    let saga = store.saga(ids.saga_id).await.unwrap().unwrap();
+    assert_eq!(saga.state.steps[1].attempts.len(), 1, "{:?}", saga.state);
+
+    pool.close().await;
+    env.stop().await;
+}

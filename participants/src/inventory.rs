@@ -1,5 +1,6 @@
 //! The `inventory` participant: reserves and releases stock.
 
+use std::collections::HashSet;
 use std::future::Future;
 
 use serde_json::json;
@@ -35,6 +36,104 @@ impl Handler for InventoryParticipant {
             }
         }
     }
+
+    #[allow(clippy::manual_async_fn)]
+    fn handle_many<'a>(
+        &'a self,
+        tx: &'a mut PgConnection,
+        ctxs: &'a [CommandContext<'a>],
+    ) -> impl Future<Output = Result<Option<Vec<Handled>>, HandlerError>> + Send + 'a {
+        async move {
+            match ctxs.first().map(|c| c.message_type) {
+                Some("ReserveStock") => reserve_many(tx, ctxs).await.map(Some),
+                _ => Ok(None),
+            }
+        }
+    }
+}
+
+/// [`reserve`] for many orders: one statement for orders that share no
+/// SKU (each is then all or nothing on its own); an order that shares a
+/// SKU with one before it follows on its own, seeing the stock left.
+async fn reserve_many(tx: &mut PgConnection, ctxs: &[CommandContext<'_>]) -> Result<Vec<Handled>, HandlerError> {
+    let orders = ctxs
+        .iter()
+        .map(|c| OrderPayload::parse(&c.command.payload))
+        .collect::<Result<Vec<_>, _>>()?;
+    let wants: Vec<Vec<(String, i64)>> = orders.iter().map(OrderPayload::quantities).collect();
+    let mut skus_taken: HashSet<&str> = HashSet::new();
+    let (disjoint, later): (Vec<usize>, Vec<usize>) = (0..orders.len()).partition(|&i| {
+        let free = wants[i].iter().all(|(sku, _)| !skus_taken.contains(sku.as_str()));
+        if free {
+            skus_taken.extend(wants[i].iter().map(|(sku, _)| sku.as_str()));
+        }
+        free
+    });
+    let (mut line_pos, mut line_skus, mut line_quantities) = (Vec::new(), Vec::new(), Vec::new());
+    for &i in &disjoint {
+        for (sku, quantity) in &wants[i] {
+            line_pos.push(i as i32);
+            line_skus.push(sku.as_str());
+            line_quantities.push(*quantity);
+        }
+    }
+    let short = sqlx::query(
+        "WITH want AS (
+             SELECT * FROM unnest($1::int4[], $2::text[], $3::bigint[]) AS w(pos, sku, quantity)
+         ), ords AS (
+             SELECT * FROM unnest($4::int4[], $5::uuid[], $6::uuid[]) AS o(pos, order_id, saga_id)
+         ), short AS (
+             SELECT w.pos, w.sku, s.sku IS NULL AS unknown
+             FROM want w LEFT JOIN stock s ON s.sku = w.sku
+             WHERE s.sku IS NULL OR s.available < w.quantity
+         ), taken AS (
+             UPDATE stock s SET available = s.available - w.quantity
+             FROM want w
+             WHERE s.sku = w.sku AND w.pos NOT IN (SELECT pos FROM short)
+             RETURNING w.pos, s.sku, w.quantity
+         ), booked AS (
+             INSERT INTO reservations (order_id, saga_id, sku, quantity, status)
+             SELECT o.order_id, o.saga_id, t.sku, t.quantity, 'RESERVED' FROM taken t JOIN ords o ON o.pos = t.pos
+         )
+         SELECT DISTINCT ON (pos) pos, sku, unknown FROM short ORDER BY pos, sku",
+    )
+    .bind(line_pos)
+    .bind(line_skus)
+    .bind(line_quantities)
+    .bind(disjoint.iter().map(|&i| i as i32).collect::<Vec<_>>())
+    .bind(disjoint.iter().map(|&i| orders[i].order_id).collect::<Vec<_>>())
+    .bind(disjoint.iter().map(|&i| ctxs[i].command.saga_id).collect::<Vec<_>>())
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut outcomes: Vec<Option<Handled>> = (0..orders.len()).map(|_| None).collect();
+    for &i in &disjoint {
+        outcomes[i] = Some(reserved(wants[i].len()));
+    }
+    for row in short {
+        let pos = usize::try_from(row.try_get::<i32, _>("pos")?).unwrap_or(usize::MAX);
+        if let Some(slot) = outcomes.get_mut(pos) {
+            *slot = Some(refused(row.try_get("sku")?, row.try_get("unknown")?));
+        }
+    }
+    for i in later {
+        outcomes[i] = Some(reserve(tx, &ctxs[i], &orders[i]).await?);
+    }
+    outcomes
+        .into_iter()
+        .map(|o| o.ok_or_else(|| HandlerError::BadPayload("a reservation of the batch got no outcome".to_owned())))
+        .collect()
+}
+
+fn reserved(lines: usize) -> Handled {
+    Handled::Success(json!({"reserved_lines": lines}))
+}
+
+fn refused(sku: String, unknown: bool) -> Handled {
+    Handled::BusinessFailure(if unknown {
+        format!("unknown_sku: {sku}")
+    } else {
+        format!("insufficient_stock: {sku}")
+    })
 }
 
 /// Reserves every line or none, in one statement: the lines short of stock
@@ -73,16 +172,8 @@ async fn reserve(
     .fetch_optional(&mut *tx)
     .await?;
     Ok(match short {
-        None => Handled::Success(json!({"reserved_lines": skus.len()})),
-        Some(row) => {
-            let sku: String = row.try_get("sku")?;
-            let unknown: bool = row.try_get("unknown")?;
-            Handled::BusinessFailure(if unknown {
-                format!("unknown_sku: {sku}")
-            } else {
-                format!("insufficient_stock: {sku}")
-            })
-        }
+        None => reserved(skus.len()),
+        Some(row) => refused(row.try_get("sku")?, row.try_get("unknown")?),
     })
 }
 

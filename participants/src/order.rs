@@ -8,6 +8,7 @@
 //! orders, so each command is still one local transaction. Counts are
 //! recorded in `order_shards` at first start; a restart with others is refused.
 
+use std::collections::HashSet;
 use std::future::Future;
 
 use serde_json::json;
@@ -124,6 +125,17 @@ impl ShardMap {
     }
 }
 
+/// An order's lines as its row stores them.
+fn items_json(order: &OrderPayload) -> Result<serde_json::Value, serde_json::Error> {
+    serde_json::to_value(
+        order
+            .items
+            .iter()
+            .map(|l| json!({"sku": l.sku, "quantity": l.quantity, "unit_price_cents": l.unit_price_cents}))
+            .collect::<Vec<_>>(),
+    )
+}
+
 fn table_name(shard: u32) -> String {
     format!("orders_{shard:02}")
 }
@@ -148,13 +160,7 @@ impl OrderStore {
              VALUES ($1, $2, $3, $4, 'PENDING', $5, $6, $7) ON CONFLICT (id) DO NOTHING",
             self.shards.table(order.order_id)
         );
-        let items = serde_json::to_value(
-            order
-                .items
-                .iter()
-                .map(|l| json!({"sku": l.sku, "quantity": l.quantity, "unit_price_cents": l.unit_price_cents}))
-                .collect::<Vec<_>>(),
-        )?;
+        let items = items_json(order)?;
         sqlx::query(AssertSqlSafe(sql))
             .bind(order.order_id)
             .bind(saga_id)
@@ -169,6 +175,113 @@ impl OrderStore {
     }
 
     /// Status and fence of an order, locking the row.
+    /// [`Self::insert`] for many orders (of one database), in one
+    /// statement whatever their shard tables.
+    pub async fn insert_many(
+        &self,
+        tx: &mut PgConnection,
+        orders: &[(Uuid, &OrderPayload, i64)],
+    ) -> Result<(), HandlerError> {
+        let tables = self.tables_of(orders.iter().map(|(_, o, _)| o.order_id));
+        let mut sql = String::from(
+            "WITH i AS (
+                 SELECT * FROM unnest($1::text[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::int8[],
+                                      $7::jsonb[], $8::int8[])
+                     AS i(tbl, id, saga_id, customer_id, currency, total_cents, items, fence))",
+        );
+        for (n, table) in self
+            .tables_with(orders.first().map(|(_, o, _)| o.order_id))
+            .iter()
+            .enumerate()
+        {
+            sql.push_str(&format!(
+                ", t{n} AS (
+                 INSERT INTO {table} (id, saga_id, customer_id, currency, status, total_cents, items, fence)
+                 SELECT id, saga_id, customer_id, currency, 'PENDING', total_cents, items, fence
+                 FROM i WHERE tbl = '{table}'
+                 ON CONFLICT (id) DO NOTHING)"
+            ));
+        }
+        sql.push_str(" SELECT 1");
+        sqlx::query(AssertSqlSafe(sql))
+            .bind(&tables)
+            .bind(orders.iter().map(|(_, o, _)| o.order_id).collect::<Vec<_>>())
+            .bind(orders.iter().map(|(saga, _, _)| *saga).collect::<Vec<_>>())
+            .bind(
+                orders
+                    .iter()
+                    .map(|(_, o, _)| o.customer_id.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(orders.iter().map(|(_, o, _)| o.currency.as_str()).collect::<Vec<_>>())
+            .bind(orders.iter().map(|(_, o, _)| o.total_cents).collect::<Vec<_>>())
+            .bind(
+                orders
+                    .iter()
+                    .map(|(_, o, _)| items_json(o))
+                    .collect::<Result<Vec<_>, _>>()?,
+            )
+            .bind(orders.iter().map(|(_, _, fence)| *fence).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await?;
+        Ok(())
+    }
+
+    /// [`Self::approve`] for many orders (of one database), in one
+    /// statement whatever their shard tables; an order it did not approve goes through
+    /// [`Self::approve`] for its reason.
+    pub async fn approve_many(
+        &self,
+        tx: &mut PgConnection,
+        orders: &[(Uuid, i64)],
+    ) -> Result<Vec<Approval>, HandlerError> {
+        let tables = self.tables_of(orders.iter().map(|(id, _)| *id));
+        let mut sql =
+            String::from("WITH u AS (SELECT * FROM unnest($1::text[], $2::uuid[], $3::int8[]) AS u(tbl, id, fence))");
+        let mut approved_ids = Vec::new();
+        for (n, table) in self.tables_with(orders.first().map(|(id, _)| *id)).iter().enumerate() {
+            sql.push_str(&format!(
+                ", t{n} AS (
+                 UPDATE {table} AS o SET status = 'APPROVED', fence = u.fence, updated_at = now()
+                 FROM u WHERE u.tbl = '{table}' AND o.id = u.id AND o.status = 'PENDING' AND o.fence < u.fence
+                 RETURNING o.id)"
+            ));
+            approved_ids.push(format!("SELECT id FROM t{n}"));
+        }
+        sql.push(' ');
+        sql.push_str(&approved_ids.join(" UNION ALL "));
+        let approved: HashSet<Uuid> = sqlx::query_scalar(AssertSqlSafe(sql))
+            .bind(&tables)
+            .bind(orders.iter().map(|(id, _)| *id).collect::<Vec<_>>())
+            .bind(orders.iter().map(|(_, fence)| *fence).collect::<Vec<_>>())
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .collect();
+        let mut outcomes = Vec::with_capacity(orders.len());
+        for &(id, fence) in orders {
+            outcomes.push(if approved.contains(&id) {
+                Approval::Approved
+            } else {
+                self.approve(tx, id, fence).await?
+            });
+        }
+        Ok(outcomes)
+    }
+
+    /// Every shard table in the database of `order_id`. A statement over
+    /// all of them has the same text for every batch, so its prepared form
+    /// (and plan) is reused; one over the tables a batch touches would be
+    /// new text nearly every time (measured with 16 shards: 5-10 ms each).
+    fn tables_with(&self, order_id: Option<Uuid>) -> Vec<String> {
+        order_id.map_or_else(Vec::new, |id| self.shards.tables_in(self.shards.database_of(id)))
+    }
+
+    /// The shard table of each order.
+    fn tables_of(&self, ids: impl Iterator<Item = Uuid>) -> Vec<String> {
+        ids.map(|id| self.shards.table(id)).collect()
+    }
+
     pub async fn get_for_update(&self, tx: &mut PgConnection, id: Uuid) -> Result<Option<(String, i64)>, HandlerError> {
         let sql = format!(
             "SELECT status, fence FROM {} WHERE id = $1 FOR UPDATE",
@@ -307,6 +420,48 @@ impl Handler for OrderParticipant {
                 },
                 other => Err(HandlerError::UnknownType(other.to_owned())),
             }
+        }
+    }
+
+    #[allow(clippy::manual_async_fn)]
+    fn handle_many<'a>(
+        &'a self,
+        tx: &'a mut PgConnection,
+        ctxs: &'a [CommandContext<'a>],
+    ) -> impl Future<Output = Result<Option<Vec<Handled>>, HandlerError>> + Send + 'a {
+        async move {
+            let message_type = ctxs.first().map(|c| c.message_type);
+            if !matches!(message_type, Some("CreateOrder" | "ApproveOrder")) {
+                return Ok(None);
+            }
+            let mut orders = Vec::with_capacity(ctxs.len());
+            for c in ctxs {
+                let fence = c
+                    .fence
+                    .ok_or_else(|| HandlerError::BadPayload("order mutation without a lock".to_owned()))?;
+                orders.push((c.command.saga_id, OrderPayload::parse(&c.command.payload)?, fence));
+            }
+            let handled = if message_type == Some("CreateOrder") {
+                let rows: Vec<(Uuid, &OrderPayload, i64)> = orders.iter().map(|(s, o, f)| (*s, o, *f)).collect();
+                self.store.insert_many(tx, &rows).await?;
+                orders
+                    .iter()
+                    .map(|(_, o, _)| Handled::Success(json!({"order_id": o.order_id, "status": "PENDING"})))
+                    .collect()
+            } else {
+                let ids: Vec<(Uuid, i64)> = orders.iter().map(|(_, o, f)| (o.order_id, *f)).collect();
+                self.store
+                    .approve_many(tx, &ids)
+                    .await?
+                    .into_iter()
+                    .zip(&ids)
+                    .map(|(a, (id, _))| match a {
+                        Approval::Approved => Handled::Success(json!({"order_id": id, "status": "APPROVED"})),
+                        Approval::Refused(reason) => Handled::BusinessFailure(reason),
+                    })
+                    .collect()
+            };
+            Ok(Some(handled))
         }
     }
 }

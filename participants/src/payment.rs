@@ -1,5 +1,6 @@
 //! The `payment` participant: charges and refunds customer balances.
 
+use std::collections::HashSet;
 use std::future::Future;
 
 use serde_json::json;
@@ -35,6 +36,87 @@ impl Handler for PaymentParticipant {
             }
         }
     }
+
+    #[allow(clippy::manual_async_fn)]
+    fn handle_many<'a>(
+        &'a self,
+        tx: &'a mut PgConnection,
+        ctxs: &'a [CommandContext<'a>],
+    ) -> impl Future<Output = Result<Option<Vec<Handled>>, HandlerError>> + Send + 'a {
+        async move {
+            match ctxs.first().map(|c| c.message_type) {
+                Some("ChargePayment") => charge_many(tx, ctxs).await.map(Some),
+                _ => Ok(None),
+            }
+        }
+    }
+}
+
+/// [`charge`] for many orders: one statement for the first charge of each
+/// customer; a customer's later charges follow one by one, each seeing the
+/// balance the one before left.
+async fn charge_many(tx: &mut PgConnection, ctxs: &[CommandContext<'_>]) -> Result<Vec<Handled>, HandlerError> {
+    let orders = ctxs
+        .iter()
+        .map(|c| OrderPayload::parse(&c.command.payload))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut customers = HashSet::new();
+    let (first, later): (Vec<usize>, Vec<usize>) =
+        (0..orders.len()).partition(|&i| customers.insert(orders[i].customer_id.as_str()));
+    let rows = sqlx::query(
+        "WITH input AS (
+             SELECT * FROM unnest($1::int4[], $2::text[], $3::int8[], $4::uuid[], $5::uuid[], $6::text[])
+                 AS i(pos, customer_id, amount, order_id, saga_id, currency)
+         ), debit AS (
+             UPDATE accounts a SET balance_cents = a.balance_cents - i.amount
+             FROM input i
+             WHERE a.customer_id = i.customer_id AND a.balance_cents >= i.amount
+             RETURNING i.pos
+         ), paid AS (
+             INSERT INTO payments (order_id, saga_id, customer_id, amount_cents, currency, status)
+             SELECT i.order_id, i.saga_id, i.customer_id, i.amount, i.currency, 'CHARGED'
+             FROM input i JOIN debit d ON d.pos = i.pos
+         )
+         SELECT i.pos, d.pos IS NOT NULL AS charged,
+                EXISTS (SELECT 1 FROM accounts a WHERE a.customer_id = i.customer_id) AS known
+         FROM input i LEFT JOIN debit d ON d.pos = i.pos",
+    )
+    .bind(first.iter().map(|&i| i as i32).collect::<Vec<_>>())
+    .bind(
+        first
+            .iter()
+            .map(|&i| orders[i].customer_id.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(first.iter().map(|&i| orders[i].total_cents).collect::<Vec<_>>())
+    .bind(first.iter().map(|&i| orders[i].order_id).collect::<Vec<_>>())
+    .bind(first.iter().map(|&i| ctxs[i].command.saga_id).collect::<Vec<_>>())
+    .bind(first.iter().map(|&i| orders[i].currency.as_str()).collect::<Vec<_>>())
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut outcomes: Vec<Option<Handled>> = (0..orders.len()).map(|_| None).collect();
+    for row in rows {
+        let pos = usize::try_from(row.try_get::<i32, _>("pos")?).unwrap_or(usize::MAX);
+        let (charged, known): (bool, bool) = (row.try_get("charged")?, row.try_get("known")?);
+        if let (Some(slot), Some(order)) = (outcomes.get_mut(pos), orders.get(pos)) {
+            *slot = Some(charge_outcome(charged, known, order));
+        }
+    }
+    for i in later {
+        outcomes[i] = Some(charge(tx, &ctxs[i], &orders[i]).await?);
+    }
+    outcomes
+        .into_iter()
+        .map(|o| o.ok_or_else(|| HandlerError::BadPayload("a charge of the batch got no outcome".to_owned())))
+        .collect()
+}
+
+fn charge_outcome(charged: bool, known: bool, order: &OrderPayload) -> Handled {
+    match (charged, known) {
+        (true, _) => Handled::Success(json!({"charged_cents": order.total_cents})),
+        (false, true) => Handled::BusinessFailure("insufficient_balance".to_owned()),
+        (false, false) => Handled::BusinessFailure("unknown_customer".to_owned()),
+    }
 }
 
 /// Debits the balance and records the payment in one statement; on a
@@ -62,20 +144,13 @@ async fn charge(
     .await?
     .rows_affected();
     if charged == 1 {
-        return Ok(Handled::Success(json!({"charged_cents": order.total_cents})));
+        return Ok(charge_outcome(true, true, order));
     }
     let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM accounts WHERE customer_id = $1)")
         .bind(&order.customer_id)
         .fetch_one(&mut *tx)
         .await?;
-    Ok(Handled::BusinessFailure(
-        if exists {
-            "insufficient_balance"
-        } else {
-            "unknown_customer"
-        }
-        .to_owned(),
-    ))
+    Ok(charge_outcome(false, exists, order))
 }
 
 async fn refund(tx: &mut PgConnection, order: &OrderPayload) -> Result<Handled, HandlerError> {

@@ -18,7 +18,7 @@
 //! the transaction back and replies `retryable: true`: the coordinator
 //! retries the step with backoff as a new attempt.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -73,6 +73,12 @@ pub enum HandlerError {
     Json(#[from] serde_json::Error),
     #[error("barrier row written by another transaction meanwhile; the batch is run again command by command")]
     BarrierRace,
+    #[error("handle_many gave {outcomes} outcomes for {commands} {message_type} commands")]
+    OutcomeCount {
+        message_type: String,
+        outcomes: usize,
+        commands: usize,
+    },
 }
 
 impl HandlerError {
@@ -130,6 +136,20 @@ pub trait Handler: Send + Sync + 'static {
         tx: &'a mut PgConnection,
         ctx: &'a CommandContext<'a>,
     ) -> impl Future<Output = Result<Handled, HandlerError>> + Send + 'a;
+
+    /// Applies several [all-or-nothing](Self::all_or_nothing) actions of
+    /// one message type at once (a statement for all, where `handle` has
+    /// one each), with the outcome `handle` would give each, in order.
+    /// They are for distinct sagas and distinct lock resources. `None`
+    /// (the default) hands them to `handle` one by one. An error rolls the
+    /// batch back, and its commands run again one by one.
+    fn handle_many<'a>(
+        &'a self,
+        _tx: &'a mut PgConnection,
+        _ctxs: &'a [CommandContext<'a>],
+    ) -> impl Future<Output = Result<Option<Vec<Handled>>, HandlerError>> + Send + 'a {
+        async { Ok(None) }
+    }
 }
 
 /// Runtime settings.
@@ -572,10 +592,14 @@ impl<H: Handler> Runtime<H> {
         } else {
             HashMap::new()
         };
+        let injected: Vec<bool> = direct.iter().map(|d| *d && self.config.faults.transient()).collect();
+        let mut together = self
+            .handle_together(&mut tx, batch, guards, &direct, &injected, &known)
+            .await?;
         let mut fresh: Vec<(&CommandEnvelope, &str, ReplyEnvelope)> = Vec::new();
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut replies = Vec::with_capacity(batch.len());
-        for ((incoming, guard), direct) in batch.iter().zip(guards).zip(direct) {
+        for (index, ((incoming, guard), direct)) in batch.iter().zip(guards).zip(direct).enumerate() {
             let Incoming {
                 command,
                 message_type,
@@ -597,7 +621,7 @@ impl<H: Handler> Runtime<H> {
                         Err(e) => Err(e),
                     });
                 }
-                if self.config.faults.transient() {
+                if injected[index] {
                     let reply = self.retryable_reply(command, &HandlerError::Injected);
                     return Ok(Ok(Processed::Retryable(reply)));
                 }
@@ -610,7 +634,11 @@ impl<H: Handler> Runtime<H> {
                     message_type,
                     fence,
                 };
-                let reply = match self.handler.handle(&mut tx, &ctx).await {
+                let handled = match together.remove(&index) {
+                    Some(handled) => Ok(handled),
+                    None => self.handler.handle(&mut tx, &ctx).await,
+                };
+                let reply = match handled {
                     Ok(Handled::Success(data)) => ReplyEnvelope::success(command, data),
                     Ok(Handled::BusinessFailure(reason)) => ReplyEnvelope::failure(command, false, reason),
                     // The transaction may be aborted: the batch goes the slow way.
@@ -642,6 +670,58 @@ impl<H: Handler> Runtime<H> {
         self.config.faults.crash("crash_after_commit");
         self.handoff[part].committed(outbox);
         Ok(outcomes)
+    }
+
+    /// Runs the direct-path actions of the batch that share a message type
+    /// through [`Handler::handle_many`]: the first command of each (saga,
+    /// step) not answered already, with its lock held. Returns the
+    /// outcomes by position in the batch; the others (and all of them if
+    /// the handler declines) go to `handle` one by one.
+    async fn handle_together(
+        &self,
+        tx: &mut PgConnection,
+        batch: &[&Incoming<'_>],
+        guards: &[Result<Option<LockGuard>, HandlerError>],
+        direct: &[bool],
+        injected: &[bool],
+        known: &HashMap<(Uuid, String), ReplyEnvelope>,
+    ) -> Result<HashMap<usize, Handled>, HandlerError> {
+        let mut groups: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        let mut seen: HashSet<(Uuid, &str)> = HashSet::new();
+        for (i, incoming) in batch.iter().enumerate() {
+            let command = incoming.command;
+            if !direct[i] || injected[i] || known.contains_key(&(command.saga_id, command.step.clone())) {
+                continue;
+            }
+            if seen.insert((command.saga_id, command.step.as_str())) {
+                groups.entry(incoming.message_type).or_default().push(i);
+            }
+        }
+        let mut handled = HashMap::new();
+        for (message_type, members) in groups {
+            if members.len() < 2 {
+                continue;
+            }
+            let ctxs: Vec<CommandContext<'_>> = members
+                .iter()
+                .map(|&i| CommandContext {
+                    command: batch[i].command,
+                    message_type,
+                    fence: guards[i].as_ref().ok().and_then(|g| g.as_ref().map(|g| g.fence)),
+                })
+                .collect();
+            if let Some(outcomes) = self.handler.handle_many(&mut *tx, &ctxs).await? {
+                if outcomes.len() != members.len() {
+                    return Err(HandlerError::OutcomeCount {
+                        message_type: message_type.to_owned(),
+                        outcomes: outcomes.len(),
+                        commands: members.len(),
+                    });
+                }
+                handled.extend(members.into_iter().zip(outcomes));
+            }
+        }
+        Ok(handled)
     }
 
     fn partition_of(&self, command: &CommandEnvelope) -> Result<usize, HandlerError> {

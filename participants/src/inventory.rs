@@ -6,7 +6,7 @@ use std::future::Future;
 use serde_json::json;
 use sqlx::{PgConnection, Row};
 
-use crate::payload::OrderPayload;
+use crate::payload::{self, OrderPayload};
 use crate::runtime::{CommandContext, Handled, Handler, HandlerError};
 
 pub struct InventoryParticipant;
@@ -56,10 +56,7 @@ impl Handler for InventoryParticipant {
 /// SKU (each is then all or nothing on its own); an order that shares a
 /// SKU with one before it follows on its own, seeing the stock left.
 async fn reserve_many(tx: &mut PgConnection, ctxs: &[CommandContext<'_>]) -> Result<Vec<Handled>, HandlerError> {
-    let orders = ctxs
-        .iter()
-        .map(|c| OrderPayload::parse(&c.command.payload))
-        .collect::<Result<Vec<_>, _>>()?;
+    let orders = payload::payloads(ctxs)?;
     let wants: Vec<Vec<(String, i64)>> = orders.iter().map(OrderPayload::quantities).collect();
     let mut skus_taken: HashSet<&str> = HashSet::new();
     let (disjoint, later): (Vec<usize>, Vec<usize>) = (0..orders.len()).partition(|&i| {
@@ -118,10 +115,7 @@ async fn reserve_many(tx: &mut PgConnection, ctxs: &[CommandContext<'_>]) -> Res
     for i in later {
         outcomes[i] = Some(reserve(tx, &ctxs[i], &orders[i]).await?);
     }
-    outcomes
-        .into_iter()
-        .map(|o| o.ok_or_else(|| HandlerError::BadPayload("a reservation of the batch got no outcome".to_owned())))
-        .collect()
+    payload::every_outcome(outcomes, "a reservation")
 }
 
 fn reserved(lines: usize) -> Handled {

@@ -174,7 +174,6 @@ impl OrderStore {
         Ok(())
     }
 
-    /// Status and fence of an order, locking the row.
     /// [`Self::insert`] for many orders (of one database), in one
     /// statement whatever their shard tables.
     pub async fn insert_many(
@@ -282,6 +281,7 @@ impl OrderStore {
         ids.map(|id| self.shards.table(id)).collect()
     }
 
+    /// Status and fence of an order, locking the row.
     pub async fn get_for_update(&self, tx: &mut PgConnection, id: Uuid) -> Result<Option<(String, i64)>, HandlerError> {
         let sql = format!(
             "SELECT status, fence FROM {} WHERE id = $1 FOR UPDATE",

@@ -4,7 +4,7 @@
 use serde::Deserialize;
 use uuid::Uuid;
 
-use crate::runtime::HandlerError;
+use crate::runtime::{CommandContext, Handled, HandlerError};
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct OrderPayload {
@@ -39,4 +39,18 @@ impl OrderPayload {
         }
         by_sku.into_iter().collect()
     }
+}
+
+/// The payloads of the commands a `handle_many` got, in order.
+pub fn payloads(ctxs: &[CommandContext<'_>]) -> Result<Vec<OrderPayload>, HandlerError> {
+    ctxs.iter().map(|c| OrderPayload::parse(&c.command.payload)).collect()
+}
+
+/// A `handle_many` result from outcomes filled in by position: an error
+/// if one is missing (the batch then runs again one by one).
+pub fn every_outcome(outcomes: Vec<Option<Handled>>, what: &str) -> Result<Vec<Handled>, HandlerError> {
+    outcomes
+        .into_iter()
+        .map(|o| o.ok_or_else(|| HandlerError::BadPayload(format!("{what} of the batch got no outcome"))))
+        .collect()
 }

@@ -6,7 +6,7 @@ use std::future::Future;
 use serde_json::json;
 use sqlx::{PgConnection, Row};
 
-use crate::payload::OrderPayload;
+use crate::payload::{self, OrderPayload};
 use crate::runtime::{CommandContext, Handled, Handler, HandlerError};
 
 pub struct PaymentParticipant;
@@ -56,10 +56,7 @@ impl Handler for PaymentParticipant {
 /// customer; a customer's later charges follow one by one, each seeing the
 /// balance the one before left.
 async fn charge_many(tx: &mut PgConnection, ctxs: &[CommandContext<'_>]) -> Result<Vec<Handled>, HandlerError> {
-    let orders = ctxs
-        .iter()
-        .map(|c| OrderPayload::parse(&c.command.payload))
-        .collect::<Result<Vec<_>, _>>()?;
+    let orders = payload::payloads(ctxs)?;
     let mut customers = HashSet::new();
     let (first, later): (Vec<usize>, Vec<usize>) =
         (0..orders.len()).partition(|&i| customers.insert(orders[i].customer_id.as_str()));
@@ -105,10 +102,7 @@ async fn charge_many(tx: &mut PgConnection, ctxs: &[CommandContext<'_>]) -> Resu
     for i in later {
         outcomes[i] = Some(charge(tx, &ctxs[i], &orders[i]).await?);
     }
-    outcomes
-        .into_iter()
-        .map(|o| o.ok_or_else(|| HandlerError::BadPayload("a charge of the batch got no outcome".to_owned())))
-        .collect()
+    payload::every_outcome(outcomes, "a charge")
 }
 
 fn charge_outcome(charged: bool, known: bool, order: &OrderPayload) -> Handled {

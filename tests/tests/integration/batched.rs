@@ -71,6 +71,14 @@ async fn run_batch<H: Handler>(
         .collect()
 }
 
+/// Each reply's outcome and reason.
+fn outcomes(replies: &[Value]) -> Vec<(&str, &str)> {
+    replies
+        .iter()
+        .map(|r| (r["outcome"].as_str().unwrap_or("?"), r["reason"].as_str().unwrap_or("")))
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn charges_in_one_batch_see_each_others_debits() {
     use skald_participants::payment::PaymentParticipant;
@@ -88,12 +96,8 @@ async fn charges_in_one_batch_see_each_others_debits() {
         action("charge_payment", "jo", &[("sku-1", 1)], 400),
     ];
     let replies = run_batch(&runtime, &commands, "ChargePayment").await;
-    let outcomes: Vec<(&str, &str)> = replies
-        .iter()
-        .map(|r| (r["outcome"].as_str().unwrap_or("?"), r["reason"].as_str().unwrap_or("")))
-        .collect();
     assert_eq!(
-        outcomes,
+        outcomes(&replies),
         vec![
             ("success", ""),
             ("success", ""),
@@ -135,12 +139,8 @@ async fn reservations_in_one_batch_are_each_all_or_nothing() {
         action("reserve_stock", "x", &[("sku-zzz", 1)], 1),
     ];
     let replies = run_batch(&runtime, &commands, "ReserveStock").await;
-    let outcomes: Vec<(&str, &str)> = replies
-        .iter()
-        .map(|r| (r["outcome"].as_str().unwrap_or("?"), r["reason"].as_str().unwrap_or("")))
-        .collect();
     assert_eq!(
-        outcomes,
+        outcomes(&replies),
         vec![
             ("success", ""),
             ("failure", "insufficient_stock: sku-a"),

@@ -2,6 +2,11 @@ use clap::Parser;
 use skald_coordinator::{Application, Config};
 use tokio_util::sync::CancellationToken;
 
+/// mimalloc instead of glibc malloc: the profile at 460 orders/s showed
+/// malloc and its consolidation passes among the hottest user-space code.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() {
     let config = Config::parse();

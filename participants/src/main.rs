@@ -2,6 +2,11 @@ use clap::Parser;
 use skald_participants::app::{Cli, Participant};
 use tokio_util::sync::CancellationToken;
 
+/// mimalloc instead of glibc malloc: the profile at 460 orders/s showed
+/// malloc and its consolidation passes among the hottest user-space code.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let cli = Cli::parse();

@@ -10,7 +10,8 @@ use skald_tests::{Setup, TestEnv};
 use skald_wire::contract::CommandEnvelope;
 use uuid::Uuid;
 
-fn runtime<H: Handler>(env: &TestEnv, pool: sqlx::PgPool, handler: H) -> Runtime<H> {
+/// A runtime on `pool` with small batches and no linger, for `process_batch`.
+pub(crate) fn runtime<H: Handler>(env: &TestEnv, pool: sqlx::PgPool, handler: H) -> Runtime<H> {
     Runtime::new(
         pool,
         handler,

@@ -260,26 +260,11 @@ async fn replies_for_an_unknown_saga_or_step_are_dead_lettered_by_the_coordinato
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_handled_in_one_batch_keep_the_barrier_and_roll_back_only_their_own_changes() {
     use skald_participants::payment::PaymentParticipant;
-    use skald_participants::runtime::{Incoming, Processed, Runtime, RuntimeConfig};
+    use skald_participants::runtime::{Incoming, Processed};
 
     let mut env = TestEnv::start(Setup::only(Which::Payment)).await;
     env.seed(&[("gina", 1_000), ("hugo", 1_000), ("ivan", 100)], &[]).await;
-    let runtime = Runtime::new(
-        env.dbs.payments.clone(),
-        PaymentParticipant,
-        None,
-        RuntimeConfig {
-            amqp_url: env.names.amqp_url(),
-            topology: env.topology.clone(),
-            batch_max: 16,
-            linger: Duration::ZERO,
-            prefetch: 16,
-            relay_batch: 16,
-            relay_poll: Duration::from_millis(200),
-            faults: skald_wire::faults::Faults::none(),
-            max_redeliveries: 10,
-        },
-    );
+    let runtime = crate::batched::runtime(&env, env.dbs.payments.clone(), PaymentParticipant);
     let (a, b, c) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
     let (order_a, order_b, order_c) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
     let parse =

@@ -6,7 +6,7 @@ use std::time::Duration;
 use backon::{ExponentialBuilder, Retryable};
 use futures::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions};
 use lapin::types::FieldTable;
 use skald_engine::{Event, Outcome};
 use skald_wire::amqp::{self, Publisher, Topology};
@@ -70,11 +70,13 @@ impl ReplyConsumer {
             )
             .await?;
         let mut linger = Linger::new(self.linger);
+        let acks = amqp::AckQueue::spawn(REPLIES_QUEUE);
         loop {
             let first = tokio::select! {
                 d = consumer.next() => d,
                 () = shutdown.cancelled() => {
                     let _ = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await;
+                    acks.drain().await;
                     dead_letters.close().await;
                     let _ = channel.close(200, "reply consumer stopping".into()).await;
                     return Ok(());
@@ -85,7 +87,7 @@ impl ReplyConsumer {
                 None => return Ok(()),
             };
             let lost = amqp::gather(&mut consumer, &mut batch, self.batch_max, linger.begin()).await;
-            self.process(&batch, &dead_letters, shutdown).await?;
+            self.process(&batch, &dead_letters, &acks, shutdown).await?;
             linger.end();
             if let Some(e) = lost {
                 return Err(e.into());
@@ -99,6 +101,7 @@ impl ReplyConsumer {
         &self,
         batch: &[Delivery],
         dead_letters: &Publisher,
+        acks: &amqp::AckQueue,
         shutdown: &CancellationToken,
     ) -> Result<(), amqp::Error> {
         let mut events = Vec::with_capacity(batch.len());
@@ -131,8 +134,7 @@ impl ReplyConsumer {
             }
         }
         if let Some(last) = batch.last() {
-            last.acker.ack(BasicAckOptions { multiple: true }).await?;
-            skald_wire::metrics::consumed(REPLIES_QUEUE, batch.len() as u64);
+            acks.ack_up_to(last, batch.len() as u64);
         }
         Ok(())
     }

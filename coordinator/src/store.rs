@@ -19,6 +19,7 @@ use skald_wire::amqp::OutgoingMessage;
 use skald_wire::contract::{COMMANDS_EXCHANGE, CommandEnvelope};
 use skald_wire::faults::Faults;
 use skald_wire::outbox::{Handoff, Written};
+use sqlx::types::Json;
 use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
@@ -203,9 +204,9 @@ impl Store {
             let ctx = ctx();
             let t = skald_engine::start(&def, ctx);
             messages.extend(t.commands.iter().map(|c| command_message(ids.saga_id, &payload, c)));
-            states.push(serde_json::to_value(&t.state)?);
-            payloads.push(payload);
             wake_ats.push(t.state.wake_at);
+            states.push(Json(t.state));
+            payloads.push(payload);
             created_ats.push(ctx.now);
             items.push(serde_json::to_value(&p.order.items)?);
             commands.push(t.commands);
@@ -500,7 +501,7 @@ impl Store {
             id: row.try_get("id")?,
             version: row.try_get("version")?,
             def: self.definition(&saga_type)?,
-            state: serde_json::from_value(row.try_get("state")?)?,
+            state: row.try_get::<Json<SagaState>, _>("state")?.0,
             payload: row.try_get("payload")?,
             changed: false,
             commands: Vec::new(),
@@ -527,7 +528,7 @@ impl Store {
             ids.push(s.id);
             versions.push(s.version);
             statuses.push(s.state.status.as_str().to_owned());
-            states.push(serde_json::to_value(&s.state)?);
+            states.push(Json(&s.state));
             wakes.push(s.state.wake_at);
             finished.push(s.state.finished_at);
             messages.extend(s.commands.iter().map(|c| command_message(s.id, &s.payload, c)));
@@ -634,7 +635,7 @@ fn saga_record(row: &sqlx::postgres::PgRow) -> Result<SagaRecord> {
         id: row.try_get("id")?,
         saga_type: row.try_get("saga_type")?,
         status: parse_status(&status)?,
-        state: serde_json::from_value(row.try_get("state")?)?,
+        state: row.try_get::<Json<SagaState>, _>("state")?.0,
         payload: row.try_get("payload")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,

@@ -326,6 +326,7 @@ impl<H: Handler> Runtime<H> {
             )
             .await?;
         let mut linger = Linger::new(self.config.linger);
+        let acks = amqp::AckQueue::spawn(&queue);
         let result = loop {
             let next = tokio::select! {
                 d = consumer.next() => d,
@@ -341,12 +342,13 @@ impl<H: Handler> Runtime<H> {
             };
             // Whatever else the broker delivers within the linger joins the batch.
             let lost = amqp::gather(&mut consumer, &mut batch, self.config.batch_max.max(1), linger.begin()).await;
-            self.on_batch(batch, &dead_letters, &queue).await;
+            self.on_batch(batch, &dead_letters, &queue, &acks).await;
             linger.end();
             if let Some(e) = lost {
                 break Err(e.into());
             }
         };
+        acks.drain().await;
         dead_letters.close().await;
         if channel.status().connected() {
             let _ = channel.close(200, "consumer stopping".into()).await;
@@ -357,7 +359,7 @@ impl<H: Handler> Runtime<H> {
     /// Handles a batch of deliveries: poison ones are dead-lettered, the
     /// others go through [`Self::process_batch`]; then one `multiple` ack
     /// settles every delivery that was not requeued or dead-lettered.
-    async fn on_batch(&self, batch: Vec<Delivery>, dead_letters: &Publisher, queue: &str) {
+    async fn on_batch(&self, batch: Vec<Delivery>, dead_letters: &Publisher, queue: &str, acks: &amqp::AckQueue) {
         let participant = self.handler.participant();
         let mut items: Vec<(usize, CommandEnvelope, String, tracing::Span)> = Vec::with_capacity(batch.len());
         // Deliveries settled one by one (dead-lettered or requeued).
@@ -430,12 +432,10 @@ impl<H: Handler> Runtime<H> {
             }
         }
         self.config.faults.crash("crash_before_ack");
-        // Acks every unsettled delivery up to the last one at once.
+        // Acks every unsettled delivery up to the last one at once, without
+        // waiting for the frame to be written.
         if let Some(last) = batch.iter().zip(&settled).rev().find(|(_, s)| !**s).map(|(d, _)| d) {
-            match last.acker.ack(BasicAckOptions { multiple: true }).await {
-                Ok(_) => skald_wire::metrics::consumed(queue, consumed),
-                Err(e) => tracing::warn!(error = %e, "ack failed; the commands will be redelivered and replayed"),
-            }
+            acks.ack_up_to(last, consumed);
         }
     }
 

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
 use lapin::options::{
-    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
+    BasicAckOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind, PublisherConfirm};
@@ -228,6 +228,52 @@ pub async fn gather(
         }
     }
     None
+}
+
+/// Acknowledges batches in the order they are handed over, off the
+/// consumer's path. lapin resolves an ack only once its I/O thread has
+/// written the frame; a consumer that awaited it waited for two thread
+/// switches before it could start its next batch. Each hand-over is one
+/// `multiple` ack up to a delivery, so order matters: an ack below one
+/// already sent would name a tag the broker no longer knows. A task takes
+/// them one after the other. An ack that fails (the channel is gone) is
+/// logged: the broker redelivers, and redeliveries are replayed.
+pub struct AckQueue {
+    tx: tokio::sync::mpsc::UnboundedSender<(lapin::Acker, u64)>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl AckQueue {
+    /// `queue` names the queue in metrics and logs.
+    pub fn spawn(queue: &str) -> Self {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(lapin::Acker, u64)>();
+        let queue = queue.to_owned();
+        let task = tokio::spawn(async move {
+            while let Some((acker, count)) = rx.recv().await {
+                match acker.ack(BasicAckOptions { multiple: true }).await {
+                    Ok(_) => crate::metrics::consumed(&queue, count),
+                    Err(e) => tracing::warn!(error = %e, queue, "ack failed; the broker will redeliver"),
+                }
+            }
+        });
+        Self { tx, task }
+    }
+
+    /// Acks every unsettled delivery up to `last` (one `multiple` ack),
+    /// counting `count` consumed once it is written.
+    pub fn ack_up_to(&self, last: &lapin::message::Delivery, count: u64) {
+        if self.tx.send((last.acker.clone(), count)).is_err() {
+            tracing::warn!("ack queue closed; the broker will redeliver");
+        }
+    }
+
+    /// Waits until every ack handed over is written (before closing the channel).
+    pub async fn drain(self) {
+        drop(self.tx);
+        if let Err(e) = self.task.await {
+            tracing::warn!(error = %e, "ack task failed");
+        }
+    }
 }
 
 pub async fn consumer_channel(conn: &Connection, prefetch: u16) -> Result<Channel> {

@@ -326,3 +326,72 @@ async fn commands_handled_in_one_batch_keep_the_barrier_and_roll_back_only_their
     assert_eq!(env.balance("ivan").await, 100);
     env.stop().await;
 }
+
+/// Consumers hand each batch's `multiple` ack to [`AckQueue`] and go on
+/// without waiting for it. Many batches handed over back to back must
+/// still be acked in order: an ack below one already sent names a tag the
+/// broker has forgotten, and it closes the channel (every unacked delivery
+/// goes back to the queue).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_acks_handed_over_back_to_back_settle_every_delivery() {
+    use futures::StreamExt;
+    use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
+    use lapin::types::FieldTable;
+
+    let env = TestEnv::start(Setup::only(Which::Payment)).await;
+    let (conn, ch) = env.amqp().await;
+    let queue = format!("{}.acks", env.names.id);
+    ch.queue_declare(
+        queue.as_str().into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("declare");
+    const N: usize = 60;
+    for i in 0..N {
+        publish_raw(&ch, "", &queue, "Probe", format!("{{\"n\":{i}}}").as_bytes()).await;
+    }
+    let consuming = skald_wire::amqp::consumer_channel(&conn, N as u16)
+        .await
+        .expect("channel");
+    let mut consumer = consuming
+        .basic_consume(
+            queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let mut deliveries = Vec::with_capacity(N);
+    while deliveries.len() < N {
+        let next = tokio::time::timeout(WITHIN, consumer.next())
+            .await
+            .expect("deliveries in time");
+        deliveries.push(next.expect("stream open").expect("delivery"));
+    }
+    let acks = skald_wire::amqp::AckQueue::spawn(&queue);
+    for batch in deliveries.chunks(7) {
+        acks.ack_up_to(batch.last().expect("non-empty chunk"), batch.len() as u64);
+    }
+    acks.drain().await;
+    assert!(consuming.status().connected(), "an ack out of order closed the channel");
+    consuming.close(200, "done".into()).await.expect("close");
+    let left = ch
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("passive declare");
+    assert_eq!(
+        left.message_count(),
+        0,
+        "every delivery is acked once the queue drained"
+    );
+}

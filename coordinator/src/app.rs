@@ -60,6 +60,11 @@ pub struct Config {
     /// Replies applied in one transaction at most.
     #[arg(long, env = "REPLY_BATCH", default_value_t = 128)]
     pub reply_batch: usize,
+    /// Sagas kept in memory as this coordinator last wrote them, so that
+    /// their next reply skips reading them (the write still checks their
+    /// version). About 4 KB each.
+    #[arg(long, env = "STATE_CACHE_SIZE", default_value_t = crate::store::DEFAULT_STATE_CACHE)]
+    pub state_cache_size: usize,
     /// How long a batch of replies, of new orders (`POST /v1/orders`) or of
     /// outbox rows waits for more once it has one: a little latency per hop
     /// for far fewer transactions under moderate load. 0 never waits.
@@ -202,7 +207,8 @@ impl Application {
         )
         .context("participants panel")?;
         let handoff = skald_wire::outbox::Handoff::new();
-        let store = Store::new(pool, registry.clone(), handoff.clone(), faults.clone());
+        let store = Store::new(pool, registry.clone(), handoff.clone(), faults.clone())
+            .with_state_cache(config.state_cache_size);
         Ok(Self {
             config,
             listener,

@@ -134,7 +134,53 @@ pub struct Store {
     /// The outbox rows this process commits go to its relay.
     handoff: Arc<Handoff>,
     faults: Faults,
+    /// Sagas as this process last wrote them in [`Self::apply_replies`].
+    cache: Arc<StateCache>,
 }
+
+/// The sagas this coordinator last wrote (new orders, replies), with their version,
+/// so that the next reply of a saga skips the read (one round trip and a
+/// 2 KB state decoded per saga). It is only a guess: the write is the same
+/// conditional one (`version` still the one held), so an entry that another
+/// writer made stale (an operator action, the sweeper, another coordinator)
+/// only costs that write coming up short and a read. Final sagas leave it;
+/// the least recently used entry goes when it is full.
+struct StateCache {
+    entries: std::sync::Mutex<lru::LruCache<Uuid, Loaded>>,
+}
+
+impl StateCache {
+    fn new(capacity: usize) -> Self {
+        let capacity = std::num::NonZeroUsize::new(capacity).unwrap_or(std::num::NonZeroUsize::MIN);
+        Self {
+            entries: std::sync::Mutex::new(lru::LruCache::new(capacity)),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, lru::LruCache<Uuid, Loaded>> {
+        // A panic while holding the lock leaves nothing half-done: entries are whole.
+        self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Takes the entries of `ids` out of the cache.
+    fn take(&self, ids: &[Uuid]) -> HashMap<Uuid, Loaded> {
+        let mut entries = self.lock();
+        ids.iter().filter_map(|id| entries.pop(id).map(|l| (*id, l))).collect()
+    }
+
+    /// Keeps sagas as they now are in the database (not final ones).
+    fn keep(&self, sagas: impl Iterator<Item = Loaded>) {
+        let mut entries = self.lock();
+        for saga in sagas {
+            if !saga.state.status.is_final() {
+                entries.put(saga.id, saga);
+            }
+        }
+    }
+}
+
+/// Sagas cached by default (see [`Store::with_state_cache`]).
+pub const DEFAULT_STATE_CACHE: usize = 4096;
 
 struct Loaded {
     id: Uuid,
@@ -161,7 +207,15 @@ impl Store {
             registry,
             handoff,
             faults,
+            cache: Arc::new(StateCache::new(DEFAULT_STATE_CACHE)),
         }
+    }
+
+    /// How many sagas [`Self::apply_replies`] keeps as it wrote them, to
+    /// skip reading them at their next reply (0 keeps one).
+    pub fn with_state_cache(mut self, capacity: usize) -> Self {
+        self.cache = Arc::new(StateCache::new(capacity));
+        self
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -195,6 +249,8 @@ impl Store {
         let mut items = Vec::with_capacity(n);
         let mut messages = Vec::with_capacity(n);
         let mut commands = Vec::with_capacity(n);
+        // The first state of each saga, for the state cache once written.
+        let mut starts = Vec::with_capacity(n);
         for p in orders {
             let ids = OrderRef {
                 order_id: Uuid::now_v7(),
@@ -205,6 +261,7 @@ impl Store {
             let t = skald_engine::start(&def, ctx);
             messages.extend(t.commands.iter().map(|c| command_message(ids.saga_id, &payload, c)));
             wake_ats.push(t.state.wake_at);
+            starts.push((t.state.clone(), payload.clone()));
             states.push(Json(t.state));
             payloads.push(payload);
             created_ats.push(ctx.now);
@@ -279,9 +336,19 @@ impl Store {
         let mut outbox = Vec::with_capacity(messages.len());
         let mut outbox_messages = Vec::with_capacity(messages.len());
         let mut results = Vec::with_capacity(n);
-        for ((p, ids), commands) in orders.iter().zip(refs).zip(commands) {
+        let mut started = Vec::with_capacity(n);
+        for (((p, ids), commands), (state, payload)) in orders.iter().zip(refs).zip(commands).zip(starts) {
             match written.remove(&ids.saga_id) {
                 Some((true, rows, message_ids)) => {
+                    started.push(Loaded {
+                        id: ids.saga_id,
+                        version: 0,
+                        def: def.clone(),
+                        state,
+                        payload,
+                        changed: false,
+                        commands: Vec::new(),
+                    });
                     outbox.extend(rows);
                     outbox_messages.extend(message_ids);
                     crate::observe::saga_started(def.name(), &commands);
@@ -296,6 +363,8 @@ impl Store {
                 None => results.push(Err(Error::Db(sqlx::Error::RowNotFound))),
             }
         }
+        // Cached before the first command goes out, so that its reply finds it.
+        self.cache.keep(started.into_iter());
         self.after_commit(skald_wire::outbox::pair(outbox, outbox_messages, messages));
         Ok(results)
     }
@@ -316,10 +385,12 @@ impl Store {
         }))
     }
 
-    /// Applies a batch of replies: one read, the engine, one conditional
-    /// write (an implicit transaction). The replies of a saga another writer
-    /// changed between the read and the write are applied again on its new
-    /// state, up to [`APPLY_ROUNDS`] times. Returns a verdict per reply, in order.
+    /// Applies a batch of replies: one read (of the sagas not in the
+    /// [`StateCache`]), the engine, one conditional write (an implicit
+    /// transaction). The replies of a saga another writer changed between
+    /// the read and the write are applied again on its new state, read from
+    /// the database, up to [`APPLY_ROUNDS`] times. Returns a verdict per
+    /// reply, in order.
     #[tracing::instrument(skip_all, fields(replies = replies.len()))]
     pub async fn apply_replies(&self, replies: &[ReplyEvent]) -> Result<Vec<Verdict>> {
         let mut verdicts: Vec<Option<Verdict>> = vec![None; replies.len()];
@@ -329,14 +400,19 @@ impl Store {
             let mut ids: Vec<Uuid> = pending.iter().map(|&i| replies[i].saga_id).collect();
             ids.sort();
             ids.dedup();
-            let rows = sqlx::query("SELECT id, version, saga_type, state, payload FROM sagas WHERE id = ANY($1)")
-                .bind(&ids)
-                .fetch_all(&mut *conn)
-                .await?;
-            let mut loaded = HashMap::with_capacity(rows.len());
-            for row in rows {
-                let l = self.load(&row)?;
-                loaded.insert(l.id, l);
+            // Moved sagas left the cache when taken: later rounds read them.
+            let mut loaded = self.cache.take(&ids);
+            let cached: Vec<Uuid> = loaded.keys().copied().collect();
+            ids.retain(|id| !loaded.contains_key(id));
+            if !ids.is_empty() {
+                let rows = sqlx::query("SELECT id, version, saga_type, state, payload FROM sagas WHERE id = ANY($1)")
+                    .bind(&ids)
+                    .fetch_all(&mut *conn)
+                    .await?;
+                for row in rows {
+                    let l = self.load(&row)?;
+                    loaded.insert(l.id, l);
+                }
             }
             let ctx = ctx();
             let mut computed = Vec::with_capacity(pending.len());
@@ -353,12 +429,35 @@ impl Store {
                 };
                 computed.push((i, verdict));
             }
-            let written = self.persist(&mut conn, loaded.into_values().collect(), ctx.now).await?;
+            let sagas: Vec<Loaded> = loaded.into_values().collect();
+            let written = self.persist(&mut conn, &sagas, ctx.now).await?;
             self.after_commit(written.outbox);
             written.observed.record();
+            // A cached saga that nothing changed was never checked against
+            // the database: its replies were ignored on what may be an old
+            // state (one another writer has moved on), so they go again on
+            // the state read from the database.
+            let mut unsure = written.moved.clone();
+            unsure.extend(
+                sagas
+                    .iter()
+                    .filter(|s| !s.changed && cached.contains(&s.id))
+                    .map(|s| s.id),
+            );
+            self.cache.keep(sagas.into_iter().filter_map(|mut s| {
+                if unsure.contains(&s.id) {
+                    return None;
+                }
+                if s.changed {
+                    s.version += 1;
+                    s.changed = false;
+                    s.commands.clear();
+                }
+                Some(s)
+            }));
             pending.clear();
             for (i, verdict) in computed {
-                if written.moved.contains(&replies[i].saga_id) {
+                if unsure.contains(&replies[i].saga_id) {
                     pending.push(i);
                 } else {
                     verdicts[i] = Some(verdict);
@@ -400,7 +499,7 @@ impl Store {
             sagas.push(saga);
         }
         let n = sagas.len();
-        let written = self.persist(&mut tx, sagas, ctx.now).await?.under_lock()?;
+        let written = self.persist(&mut tx, &sagas, ctx.now).await?.under_lock()?;
         tx.commit().await?;
         self.after_commit(written.outbox);
         written.observed.record();
@@ -419,7 +518,10 @@ impl Store {
         let ctx = ctx();
         let t = skald_engine::apply(&saga.def, saga.state.clone(), event, ctx)?;
         absorb(&mut saga, t);
-        let written = self.persist(&mut tx, vec![saga], ctx.now).await?.under_lock()?;
+        let written = self
+            .persist(&mut tx, std::slice::from_ref(&saga), ctx.now)
+            .await?
+            .under_lock()?;
         tx.commit().await?;
         self.after_commit(written.outbox);
         written.observed.record();
@@ -512,8 +614,8 @@ impl Store {
     /// their commands, in one statement (in the caller's transaction, or
     /// its own). Returns what was written, to hand off and record after the
     /// commit, and the sagas that had moved (nothing of theirs written).
-    async fn persist(&self, conn: &mut PgConnection, sagas: Vec<Loaded>, now: DateTime<Utc>) -> Result<Persisted> {
-        let changed: Vec<Loaded> = sagas.into_iter().filter(|s| s.changed).collect();
+    async fn persist(&self, conn: &mut PgConnection, sagas: &[Loaded], now: DateTime<Utc>) -> Result<Persisted> {
+        let changed: Vec<&Loaded> = sagas.iter().filter(|s| s.changed).collect();
         if changed.is_empty() {
             return Ok(Persisted::default());
         }

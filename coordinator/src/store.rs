@@ -134,7 +134,7 @@ pub struct Store {
     /// The outbox rows this process commits go to its relay.
     handoff: Arc<Handoff>,
     faults: Faults,
-    /// Sagas as this process last wrote them in [`Self::apply_replies`].
+    /// Sagas as this process last wrote them ([`Self::create_orders`], [`Self::apply_replies`]).
     cache: Arc<StateCache>,
 }
 

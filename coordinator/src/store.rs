@@ -386,7 +386,7 @@ impl Store {
     }
 
     /// Applies a batch of replies: one read (of the sagas not in the
-    /// [`StateCache`]), the engine, one conditional write (an implicit
+    /// state cache), the engine, one conditional write (an implicit
     /// transaction). The replies of a saga another writer changed between
     /// the read and the write are applied again on its new state, read from
     /// the database, up to [`APPLY_ROUNDS`] times. Returns a verdict per

@@ -61,18 +61,9 @@ async fn one_reply_applied_by_two_coordinators_at_once_is_written_once() {
         verdicts.iter().any(|v| matches!(v, Verdict::Ignored(_))),
         "{verdicts:?}"
     );
-    let version: i64 = sqlx::query_scalar("SELECT version FROM sagas WHERE id = $1")
-        .bind(ids.saga_id)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let version = stored_version(&pool, ids.saga_id).await;
     assert_eq!(version, 1, "the saga was written once");
-    let charges: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE correlation_id = $1 AND message_type = 'ChargePayment'")
-            .bind(ids.saga_id)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let charges = commands_sent(&pool, ids.saga_id, "ChargePayment").await;
     assert_eq!(charges, 1, "one ChargePayment command, not one per application");
     let saga = store.saga(ids.saga_id).await.unwrap().unwrap();
     assert_eq!(saga.state.steps[1].attempts.len(), 1, "{:?}", saga.state);
@@ -127,6 +118,24 @@ async fn new_order(store: &Store, customer: &str, price: i64) -> OrderRef {
     ids
 }
 
+async fn stored_version(pool: &sqlx::PgPool, saga_id: uuid::Uuid) -> i64 {
+    sqlx::query_scalar("SELECT version FROM sagas WHERE id = $1")
+        .bind(saga_id)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// Commands of one type the saga's outbox holds (no relay runs here).
+async fn commands_sent(pool: &sqlx::PgPool, saga_id: uuid::Uuid, message_type: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM outbox WHERE correlation_id = $1 AND message_type = $2")
+        .bind(saga_id)
+        .bind(message_type)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
 fn success(saga_id: uuid::Uuid, step: &str) -> ReplyEvent {
     ReplyEvent {
         saga_id,
@@ -165,18 +174,9 @@ async fn a_reply_for_a_saga_another_coordinator_moved_is_applied_to_the_stored_s
         "decided on the stored state, not A's copy"
     );
 
-    let version: i64 = sqlx::query_scalar("SELECT version FROM sagas WHERE id = $1")
-        .bind(ids.saga_id)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let version = stored_version(&pool, ids.saga_id).await;
     assert_eq!(version, 3, "three replies, three writes");
-    let approvals: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE correlation_id = $1 AND message_type = 'ApproveOrder'")
-            .bind(ids.saga_id)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let approvals = commands_sent(&pool, ids.saga_id, "ApproveOrder").await;
     assert_eq!(approvals, 1, "the next step's command is sent once");
     // And A's next reply, from its own fresh copy, finishes the saga.
     let applied = a.apply_replies(&[success(ids.saga_id, "approve_order")]).await.unwrap();

@@ -65,11 +65,22 @@ pub struct Config {
     /// version). About 4 KB each.
     #[arg(long, env = "STATE_CACHE_SIZE", default_value_t = crate::store::DEFAULT_STATE_CACHE)]
     pub state_cache_size: usize,
-    /// How long a batch of replies, of new orders (`POST /v1/orders`) or of
-    /// outbox rows waits for more once it has one: a little latency per hop
-    /// for far fewer transactions under moderate load. 0 never waits.
+    /// How long a batch of outbox rows waits for more once it has one: a
+    /// little latency per hop for fewer broker round trips under moderate
+    /// load. 0 never waits.
     #[arg(long, env = "BATCH_LINGER_MS", default_value_t = 1)]
     pub batch_linger_ms: u64,
+    /// How long a batch of replies waits for more once it has one. The
+    /// reply consumer is the busiest stage: replies that arrive while it
+    /// writes a batch make the next one, so by default it does not wait.
+    #[arg(long, env = "REPLY_LINGER_MS", default_value_t = 0)]
+    pub reply_linger_ms: u64,
+    /// How long a batch of new orders (`POST /v1/orders`) waits for more
+    /// once it has one, while orders keep coming (the previous batch left
+    /// less than this long ago): group commit, fewer transactions for a
+    /// few milliseconds of `POST` latency. 0 never waits.
+    #[arg(long, env = "INTAKE_LINGER_MS", default_value_t = 5)]
+    pub intake_linger_ms: u64,
     /// New orders written by one statement (one commit) at most: the
     /// `POST /v1/orders` requests waiting when the previous batch is done.
     #[arg(long, env = "ORDER_BATCH", default_value_t = 64)]
@@ -260,7 +271,7 @@ impl Application {
                 participants: self.registry.participants(),
                 prefetch: c.reply_prefetch,
                 batch_max: c.reply_batch.max(1),
-                linger: Duration::from_millis(c.batch_linger_ms),
+                linger: Duration::from_millis(c.reply_linger_ms),
                 max_redeliveries: c.max_redeliveries,
             }
             .run(shutdown.child_token()),
@@ -296,7 +307,7 @@ impl Application {
         let (intake, intake_task) = OrderIntake::spawn(
             self.store.clone(),
             c.order_batch,
-            Duration::from_millis(c.batch_linger_ms),
+            Duration::from_millis(c.intake_linger_ms),
         );
         tasks.close();
         let state = ApiState {

@@ -3,8 +3,10 @@
 //! sagas, orders and first commands), instead of a commit each.
 //!
 //! One task takes what is waiting (and, while orders keep coming, what
-//! arrives within the linger, `BATCH_LINGER_MS`), writes it with [`Store::create_orders`], and answers
-//! each request. If the batch statement fails, each order of the batch is written
+//! arrives within the linger, `INTAKE_LINGER_MS`), writes it with [`Store::create_orders`], and answers
+//! each request. Orders keep coming when one arrives less than a linger
+//! after the previous batch left: at a few hundred orders a second and
+//! more. Below that an order is written at once. If the batch statement fails, each order of the batch is written
 //! on its own, so each request gets its own answer or error.
 
 use std::time::Duration;
@@ -60,7 +62,7 @@ const WRITERS: usize = 4;
 
 async fn write_batches(store: Store, mut rx: mpsc::Receiver<PendingOrder>, max_batch: usize, linger: Duration) {
     let writers = std::sync::Arc::new(tokio::sync::Semaphore::new(WRITERS));
-    let mut linger = Linger::new(linger);
+    let mut linger = Linger::with_busy_gap(linger, linger);
     let mut running = tokio::task::JoinSet::new();
     loop {
         let Ok(permit) = writers.clone().acquire_owned().await else {

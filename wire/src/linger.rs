@@ -17,20 +17,33 @@ pub const BUSY_GAP: u32 = 5;
 #[derive(Debug, Clone)]
 pub struct Linger {
     wait: Duration,
+    /// A batch that begins less than this after the previous one's end lingers.
+    busy_gap: Duration,
     last_end: Option<Instant>,
 }
 
 impl Linger {
-    /// `wait` of zero never waits.
+    /// `wait` of zero never waits. Busy means within [`BUSY_GAP`] lingers
+    /// of the previous batch's end.
     pub fn new(wait: Duration) -> Self {
-        Self { wait, last_end: None }
+        Self::with_busy_gap(wait, wait * BUSY_GAP)
+    }
+
+    /// Lingers only if the batch begins less than `busy_gap` after the
+    /// previous one's end.
+    pub fn with_busy_gap(wait: Duration, busy_gap: Duration) -> Self {
+        Self {
+            wait,
+            busy_gap,
+            last_end: None,
+        }
     }
 
     /// Call when a batch has its first item: how long it may wait for more.
     pub fn begin(&self) -> Duration {
         let now = Instant::now();
         match self.last_end {
-            Some(end) if now.saturating_duration_since(end) < self.wait * BUSY_GAP => self.wait,
+            Some(end) if now.saturating_duration_since(end) < self.busy_gap => self.wait,
             _ => Duration::ZERO,
         }
     }
@@ -58,6 +71,13 @@ mod tests {
         linger.end();
         tokio::time::advance(Duration::from_millis(5)).await;
         assert_eq!(linger.begin(), Duration::ZERO, "a lone message after a pause");
+        let mut narrow = Linger::with_busy_gap(Duration::from_millis(5), Duration::from_millis(5));
+        narrow.end();
+        tokio::time::advance(Duration::from_millis(4)).await;
+        assert_eq!(narrow.begin(), Duration::from_millis(5), "within the gap");
+        narrow.end();
+        tokio::time::advance(Duration::from_millis(6)).await;
+        assert_eq!(narrow.begin(), Duration::ZERO, "beyond the gap");
         let mut never = Linger::new(Duration::ZERO);
         never.end();
         assert_eq!(never.begin(), Duration::ZERO);

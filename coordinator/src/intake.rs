@@ -3,10 +3,11 @@
 //! sagas, orders and first commands), instead of a commit each.
 //!
 //! One task takes what is waiting (and, while orders keep coming, what
-//! arrives within the linger, `INTAKE_LINGER_MS`), writes it with [`Store::create_orders`], and answers
-//! each request. Orders keep coming when one arrives less than a linger
-//! after the previous batch left: at a few hundred orders a second and
-//! more. Below that an order is written at once. If the batch statement fails, each order of the batch is written
+//! arrives within the linger, `INTAKE_LINGER_MS`), writes it with
+//! [`Store::create_orders`], and answers each request. Orders keep coming
+//! when one arrives less than a linger after the previous batch left: at a
+//! few hundred orders a second and more; below that an order is written at
+//! once. If the batch statement fails, each order of the batch is written
 //! on its own, so each request gets its own answer or error.
 
 use std::time::Duration;

@@ -58,26 +58,29 @@ impl Linger {
 mod tests {
     use super::*;
 
+    /// Ends a batch, lets `pause` pass, and begins the next one.
+    async fn begin_after(linger: &mut Linger, pause: Duration) -> Duration {
+        linger.end();
+        tokio::time::advance(pause).await;
+        linger.begin()
+    }
+
     #[tokio::test(start_paused = true)]
     async fn lingers_only_right_after_a_batch() {
-        let mut linger = Linger::new(Duration::from_millis(1));
+        let ms = Duration::from_millis;
+        let mut linger = Linger::new(ms(1));
         assert_eq!(linger.begin(), Duration::ZERO, "the first batch goes at once");
-        linger.end();
-        tokio::time::advance(Duration::from_micros(500)).await;
-        assert_eq!(linger.begin(), Duration::from_millis(1), "work keeps coming");
-        linger.end();
-        tokio::time::advance(Duration::from_millis(4)).await;
-        assert_eq!(linger.begin(), Duration::from_millis(1), "still busy");
-        linger.end();
-        tokio::time::advance(Duration::from_millis(5)).await;
-        assert_eq!(linger.begin(), Duration::ZERO, "a lone message after a pause");
-        let mut narrow = Linger::with_busy_gap(Duration::from_millis(5), Duration::from_millis(5));
-        narrow.end();
-        tokio::time::advance(Duration::from_millis(4)).await;
-        assert_eq!(narrow.begin(), Duration::from_millis(5), "within the gap");
-        narrow.end();
-        tokio::time::advance(Duration::from_millis(6)).await;
-        assert_eq!(narrow.begin(), Duration::ZERO, "beyond the gap");
+        let half = Duration::from_micros(500);
+        assert_eq!(begin_after(&mut linger, half).await, ms(1), "work keeps coming");
+        assert_eq!(begin_after(&mut linger, ms(4)).await, ms(1), "still busy");
+        assert_eq!(
+            begin_after(&mut linger, ms(5)).await,
+            Duration::ZERO,
+            "a lone message after a pause"
+        );
+        let mut narrow = Linger::with_busy_gap(ms(5), ms(5));
+        assert_eq!(begin_after(&mut narrow, ms(4)).await, ms(5), "within the gap");
+        assert_eq!(begin_after(&mut narrow, ms(6)).await, Duration::ZERO, "beyond the gap");
         let mut never = Linger::new(Duration::ZERO);
         never.end();
         assert_eq!(never.begin(), Duration::ZERO);

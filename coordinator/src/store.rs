@@ -478,6 +478,15 @@ impl Store {
     #[tracing::instrument(skip_all)]
     pub async fn sweep(&self, limit: i64) -> Result<usize> {
         let mut tx = self.pool.begin().await?;
+        // A saga that ends leaves its `RUNNING` entry in `sagas_status_id`
+        // until the next vacuum, so between two vacuums the index holds one
+        // dead entry per saga finished. A bitmap scan visits all of their
+        // heap pages at every sweep (measured: 8.5 ms a sweep, 4,800 pages,
+        // after 7,000 sagas at 600/s); a plain index scan marks the entries
+        // it finds dead, so the next sweep skips them (0.04 ms, 50 pages).
+        sqlx::query("SET LOCAL enable_bitmapscan = off")
+            .execute(&mut *tx)
+            .await?;
         let rows = sqlx::query(
             "SELECT id, version, saga_type, state, payload FROM sagas
              WHERE status IN ('RUNNING', 'COMPENSATING') AND wake_at <= now()

@@ -44,6 +44,22 @@ pub fn signal(pid: u32, sig: libc::c_int) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Writes the page cache's dirty data out to disk (sync(2)) and returns how
+/// long that took. The kernel writes dirty pages back once they are 30 s old,
+/// all at once: measured here, the 330 MB of binaries a build had just written
+/// went out in one burst 30 s later, in the middle of a phase (fsync
+/// latency 61 ms, every process stalled for 100 ms).
+pub async fn flush_dirty_pages() -> anyhow::Result<Duration> {
+    tokio::task::spawn_blocking(|| {
+        let start = std::time::Instant::now();
+        // SAFETY: sync(2) takes no arguments and cannot fail.
+        unsafe { libc::sync() };
+        start.elapsed()
+    })
+    .await
+    .context("sync(2)")
+}
+
 /// Whether `pid` is running (not exited, not a zombie waiting to be reaped).
 pub fn is_alive(pid: u32) -> bool {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {

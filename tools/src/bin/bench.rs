@@ -348,6 +348,7 @@ async fn run(
         "latency = saga created_at -> finished_at (coordinator clock); post_latency = POST /v1/orders as the bench saw it".into(),
         "messages are derived from the attempt records in the coordinator's saga state: one command per attempt, one reply per attempt that ended with a reply".into(),
         "pg_xacts = xact_commit + xact_rollback deltas of pg_stat_database over the bench's four databases, minus the bench's own queries; PostgreSQL publishes each backend's counters at most once a second (an idle one up to 10 s later), so each end of a phase is uncertain by about a second of activity".into(),
+        "each phase starts after sync(2), so that data written before it (a build's binaries, an earlier phase) is not written back in the middle of it".into(),
         format!(
             "CPU = utime + stime deltas from /proc/PID/stat at {} ticks/s (sysconf); peak RSS = VmHWM after clear_refs at the phase start",
             machine.clock_ticks_per_sec
@@ -541,6 +542,13 @@ async fn run_phase(
     let planned = workload::plan(&env.run_id, *next_index, n, mix, rng);
     *next_index += n;
     seed(s, &planned).await?;
+    let flushed = skald_tools::bench::procfs::flush_dirty_pages().await?;
+    if flushed > Duration::from_millis(100) {
+        eprintln!(
+            "  wrote the page cache's dirty data out first (sync) in {} ms",
+            flushed.as_millis()
+        );
+    }
     let kind = match pacing {
         Pacing::Closed(_) => PhaseKind::ClosedLoop,
         Pacing::Open { .. } => PhaseKind::OpenLoop,

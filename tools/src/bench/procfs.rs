@@ -1,5 +1,6 @@
 //! What the bench reads from `/proc`: CPU time and memory of its children,
-//! the machine's CPU use, and a description of the machine.
+//! the machine's CPU use, and a description of the machine; and what it does
+//! to the machine's processes and page cache (signals, `sync(2)`).
 
 use std::time::Duration;
 

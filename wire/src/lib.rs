@@ -16,7 +16,7 @@
 //! - [`trace`]: W3C `traceparent` of commands and replies (the saga id is the
 //!   trace id), span ids derived from the step attempt.
 //!
-//! Data flow: a business transaction inserts [`outbox::OutboxMessage`]s;
+//! Data flow: a business transaction inserts its messages with [`outbox::insert`];
 //! [`outbox::Relay`] claims them, publishes through [`amqp::Publisher`] and
 //! deletes them only once the broker confirmed every one.
 

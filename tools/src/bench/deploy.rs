@@ -55,12 +55,22 @@ impl Settings {
     }
 
     pub fn db_url(&self, what: &str) -> String {
-        format!("{}/{}", self.pg_base.trim_end_matches('/'), self.db_name(what))
+        self.url_of(&self.db_name(what))
     }
 
     /// The database the bench uses to create and drop the others and to read statistics.
     pub fn admin_url(&self) -> String {
-        format!("{}/postgres", self.pg_base.trim_end_matches('/'))
+        self.url_of("postgres")
+    }
+
+    /// `--pg-base` with `database` as its path; a query part (such as
+    /// `?host=/var/run/postgresql`, a Unix socket) stays after it.
+    fn url_of(&self, database: &str) -> String {
+        let (base, query) = match self.pg_base.split_once('?') {
+            Some((base, query)) => (base, format!("?{query}")),
+            None => (self.pg_base.as_str(), String::new()),
+        };
+        format!("{}/{database}{query}", base.trim_end_matches('/'))
     }
 
     pub fn amqp_url(&self) -> String {
@@ -306,27 +316,36 @@ fn log_tail(path: &Path, lines: usize) -> String {
 
 /// The running children.
 pub struct Deployment {
+    /// The coordinator's API.
     pub url: String,
+    /// Each participant's HTTP server (`/healthz`, `/metrics`), in start order.
+    pub participant_urls: Vec<String>,
     pub children: Vec<Child>,
     pub log_dir: PathBuf,
 }
 
 impl Deployment {
-    /// Starts the coordinator and the three participants and waits for the
-    /// coordinator's `/readyz` (PostgreSQL, RabbitMQ and Redis reachable).
+    /// Starts the coordinator and the three participants, and waits for the
+    /// coordinator's `/readyz` (PostgreSQL, RabbitMQ and Redis reachable) and
+    /// each participant's `/healthz` (served once its database is migrated:
+    /// the bench seeds balances and stock right after).
     pub async fn start(s: &Settings) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&s.log_dir).with_context(|| format!("creating {}", s.log_dir.display()))?;
         let port = free_port()?;
         let url = format!("http://127.0.0.1:{port}");
         let mut dep = Self {
             url,
+            participant_urls: Vec::new(),
             children: Vec::new(),
             log_dir: s.log_dir.clone(),
         };
         let started = async {
-            dep.spawn(s, "coordinator", "coordinator", &[], Some(port))?;
+            dep.spawn(s, "coordinator", "coordinator", &[], port)?;
             for which in ["order", "payment", "inventory"] {
-                dep.spawn(s, which, "participant", &[which], None)?;
+                // A port of its own: the default ones (9091-9093) may be taken.
+                let port = free_port()?;
+                dep.participant_urls.push(format!("http://127.0.0.1:{port}"));
+                dep.spawn(s, which, "participant", &[which], port)?;
             }
             dep.wait_ready(s.startup_timeout).await
         }
@@ -346,7 +365,7 @@ impl Deployment {
         name: &'static str,
         binary: &str,
         args: &[&str],
-        port: Option<u16>,
+        port: u16,
     ) -> anyhow::Result<()> {
         let path = s.bin_dir.join(binary);
         anyhow::ensure!(
@@ -371,10 +390,8 @@ impl Deployment {
             .env("INVENTORY_DATABASE_URL", s.db_url("inventory"))
             .env("AMQP_URL", s.amqp_url())
             .env("REDIS_URL", &s.redis_url)
-            .env("REDIS_KEY_PREFIX", s.redis_prefix());
-        if let Some(port) = port {
-            cmd.env("HTTP_ADDR", format!("127.0.0.1:{port}"));
-        }
+            .env("REDIS_KEY_PREFIX", s.redis_prefix())
+            .env("HTTP_ADDR", format!("127.0.0.1:{port}"));
         for (k, v) in &s.child_env {
             cmd.env(k, v);
         }
@@ -401,20 +418,33 @@ impl Deployment {
     }
 
     async fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
-        let api = Api::new(&self.url, None)?;
+        // (API, path, URL, index of the child): the coordinator was started first.
+        let mut waiting: Vec<(Api, &'static str, String, usize)> =
+            vec![(Api::new(&self.url, None)?, "/readyz", self.url.clone(), 0)];
+        for (i, url) in self.participant_urls.iter().enumerate() {
+            waiting.push((Api::new(url, None)?, "/healthz", url.clone(), i + 1));
+        }
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             self.check_alive()?;
-            if api.get("/readyz").await.is_ok() {
-                return Ok(());
+            let mut still = Vec::with_capacity(waiting.len());
+            for (api, path, url, child) in waiting {
+                if api.get(path).await.is_err() {
+                    still.push((api, path, url, child));
+                }
             }
+            waiting = still;
+            let Some((_, path, url, child)) = waiting.first() else {
+                return Ok(());
+            };
             if tokio::time::Instant::now() >= deadline {
+                let child = self.children.get(*child);
                 bail!(
-                    "the coordinator at {} was not ready within {} s; its log ({}):\n{}",
-                    self.url,
+                    "{url}{path} ({}) did not answer within {} s; the end of its log ({}):\n{}",
+                    child.map(|c| c.name).unwrap_or("?"),
                     timeout.as_secs(),
-                    self.log_dir.join("coordinator.log").display(),
-                    self.children.first().map(|c| c.log_tail(15)).unwrap_or_default()
+                    child.map(|c| c.log.display().to_string()).unwrap_or_default(),
+                    child.map(|c| c.log_tail(15)).unwrap_or_default()
                 );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;

@@ -63,14 +63,8 @@ impl Settings {
         self.url_of("postgres")
     }
 
-    /// `--pg-base` with `database` as its path; a query part (such as
-    /// `?host=/var/run/postgresql`, a Unix socket) stays after it.
     fn url_of(&self, database: &str) -> String {
-        let (base, query) = match self.pg_base.split_once('?') {
-            Some((base, query)) => (base, format!("?{query}")),
-            None => (self.pg_base.as_str(), String::new()),
-        };
-        format!("{}/{database}{query}", base.trim_end_matches('/'))
+        with_database(&self.pg_base, database)
     }
 
     pub fn amqp_url(&self) -> String {
@@ -308,6 +302,17 @@ impl Child {
     }
 }
 
+/// `base` (a server URL such as `--pg-base`) with `database` as its path; a
+/// query part (such as `?host=/var/run/postgresql`, a Unix socket) stays
+/// after it.
+fn with_database(base: &str, database: &str) -> String {
+    let (base, query) = match base.split_once('?') {
+        Some((base, query)) => (base, format!("?{query}")),
+        None => (base, String::new()),
+    };
+    format!("{}/{database}{query}", base.trim_end_matches('/'))
+}
+
 fn log_tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
@@ -506,8 +511,32 @@ impl Deployment {
     }
 }
 
-/// A free loopback port (the OS picks it; it is released just before the coordinator binds it).
+/// A free loopback port (the OS picks it; it is released just before the child binds it).
 fn free_port() -> anyhow::Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
     Ok(l.local_addr().context("finding a free port")?.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_database;
+
+    #[test]
+    fn the_database_goes_before_the_query() {
+        assert_eq!(
+            with_database("postgres://postgres@127.0.0.1:5432", "skald_bench"),
+            "postgres://postgres@127.0.0.1:5432/skald_bench"
+        );
+        assert_eq!(
+            with_database("postgres://postgres@127.0.0.1:5432/", "postgres"),
+            "postgres://postgres@127.0.0.1:5432/postgres"
+        );
+        assert_eq!(
+            with_database(
+                "postgres://postgres@localhost?host=/var/run/postgresql",
+                "skald_bench_orders"
+            ),
+            "postgres://postgres@localhost/skald_bench_orders?host=/var/run/postgresql"
+        );
+    }
 }

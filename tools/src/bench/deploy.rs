@@ -55,16 +55,12 @@ impl Settings {
     }
 
     pub fn db_url(&self, what: &str) -> String {
-        self.url_of(&self.db_name(what))
+        with_database(&self.pg_base, &self.db_name(what))
     }
 
     /// The database the bench uses to create and drop the others and to read statistics.
     pub fn admin_url(&self) -> String {
-        self.url_of("postgres")
-    }
-
-    fn url_of(&self, database: &str) -> String {
-        with_database(&self.pg_base, database)
+        with_database(&self.pg_base, "postgres")
     }
 
     pub fn amqp_url(&self) -> String {
@@ -423,29 +419,29 @@ impl Deployment {
     }
 
     async fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
-        // (API, path, URL, index of the child): the coordinator was started first.
-        let mut waiting: Vec<(Api, &'static str, String, usize)> =
-            vec![(Api::new(&self.url, None)?, "/readyz", self.url.clone(), 0)];
+        // (API, path, index of the child): the coordinator was started first.
+        let mut waiting: Vec<(Api, &'static str, usize)> = vec![(Api::new(&self.url, None)?, "/readyz", 0)];
         for (i, url) in self.participant_urls.iter().enumerate() {
-            waiting.push((Api::new(url, None)?, "/healthz", url.clone(), i + 1));
+            waiting.push((Api::new(url, None)?, "/healthz", i + 1));
         }
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             self.check_alive()?;
             let mut still = Vec::with_capacity(waiting.len());
-            for (api, path, url, child) in waiting {
+            for (api, path, child) in waiting {
                 if api.get(path).await.is_err() {
-                    still.push((api, path, url, child));
+                    still.push((api, path, child));
                 }
             }
             waiting = still;
-            let Some((_, path, url, child)) = waiting.first() else {
+            let Some((api, path, child)) = waiting.first() else {
                 return Ok(());
             };
             if tokio::time::Instant::now() >= deadline {
                 let child = self.children.get(*child);
                 bail!(
-                    "{url}{path} ({}) did not answer within {} s; the end of its log ({}):\n{}",
+                    "{}{path} ({}) did not answer within {} s; the end of its log ({}):\n{}",
+                    api.base(),
                     child.map(|c| c.name).unwrap_or("?"),
                     timeout.as_secs(),
                     child.map(|c| c.log.display().to_string()).unwrap_or_default(),

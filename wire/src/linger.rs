@@ -3,7 +3,7 @@
 //! Waiting builds bigger batches (fewer transactions and broker round trips)
 //! but adds its wait to every hop. It pays only while work keeps coming, so
 //! a batch lingers only if it began soon after the previous one ended
-//! (within [`BUSY_GAP`] lingers by default, or the gap given to
+//! (within [`BUSY_GAP`] by default, or within the gap given to
 //! [`Linger::with_busy_gap`]); a lone message at low load goes at once.
 
 use std::time::Duration;

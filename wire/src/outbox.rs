@@ -163,7 +163,7 @@ const HANDOFF_CAPACITY: usize = 20_000;
 /// messages, so that it publishes them without reading them back.
 ///
 /// Rows that never reach a handoff (written by other processes, left by a
-/// crash, or beyond its capacity of 20,000 rows) are found by the relay's periodic
+/// crash, or beyond its capacity, `HANDOFF_CAPACITY`) are found by the relay's periodic
 /// scan of the table in id order.
 #[derive(Debug, Default)]
 pub struct Handoff {

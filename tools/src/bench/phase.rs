@@ -484,6 +484,12 @@ pub async fn drive(env: &Env, phase: &str, orders: Vec<PlannedOrder>, pacing: Pa
     let (tx, rx) = mpsc::unbounded_channel::<Posted>();
     let pool = env.coordinator_pool()?;
     let mut tracker = Tracker::new(pool, rx, pb.clone());
+    // Only a closed loop waits on the tracker to post its next order; an
+    // open loop posts on its own clock and reads every figure from the
+    // saga rows afterwards, so it polls seldom and loads the system less.
+    if !matches!(pacing, Pacing::Closed(_)) {
+        tracker.poll_floor = SELDOM_POLL;
+    }
     // The first error ends both (the POST tasks are aborted with their JoinSet).
     let result = tokio::try_join!(
         send(env, phase, orders, pacing, tx, deadline),
@@ -583,6 +589,9 @@ async fn send(
     Ok(Sent { latencies, rate })
 }
 
+/// How often a tracker polls when nothing waits on it but the phase's end.
+const SELDOM_POLL: Duration = Duration::from_millis(250);
+
 /// Follows the posted sagas until every one is final.
 struct Tracker {
     pool: PgPool,
@@ -592,6 +601,8 @@ struct Tracker {
     open: HashMap<Uuid, Option<OwnedSemaphorePermit>>,
     all: Vec<Uuid>,
     queries: u64,
+    /// The shortest interval between two polls.
+    poll_floor: Duration,
 }
 
 impl Tracker {
@@ -603,6 +614,7 @@ impl Tracker {
             open: HashMap::new(),
             all: Vec::new(),
             queries: 0,
+            poll_floor: Duration::from_millis(20),
         }
     }
 
@@ -669,7 +681,7 @@ impl Tracker {
                 bail!("interrupted");
             }
             // One indexed lookup per saga in flight: poll less often when many are.
-            let interval = Duration::from_millis((self.open.len() as u64 / 4).clamp(20, 1000));
+            let interval = Duration::from_millis((self.open.len() as u64 / 4).clamp(20, 1000)).max(self.poll_floor);
             tokio::select! {
                 () = tokio::time::sleep(interval) => {}
                 () = env.stop.cancelled() => {}

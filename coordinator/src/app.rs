@@ -16,7 +16,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::http::{ApiState, router};
 use crate::intake::OrderIntake;
-use crate::manager::{ReplyConsumer, Sweeper};
+use crate::manager::{QueueWatch, ReplyConsumer, Sweeper};
 use crate::participants::BrokerInspector;
 use crate::retention::Retention;
 use crate::sagas::{Registry, order_saga};
@@ -97,6 +97,14 @@ pub struct Config {
     /// Deadline of one step attempt.
     #[arg(long, env = "STEP_TIMEOUT_MS", default_value_t = 10_000)]
     pub step_timeout_ms: u64,
+    /// How long a step whose command still waits in its participant's queue
+    /// (commands ready while a consumer is attached: the participant is
+    /// behind) may go on waiting, from its first attempt, before deadlines
+    /// count: until then a deadline that passes is moved by one more timeout
+    /// instead of sending a retry that would only queue behind it. 0 turns
+    /// this off.
+    #[arg(long, env = "STEP_MAX_QUEUE_WAIT_MS", default_value_t = 300_000)]
+    pub step_max_queue_wait_ms: u64,
     /// Attempts per step (the first included) before the saga compensates.
     #[arg(long, env = "STEP_MAX_ATTEMPTS", default_value_t = 8)]
     pub step_max_attempts: u32,
@@ -290,6 +298,13 @@ impl Application {
                 store: self.store.clone(),
                 interval: Duration::from_millis(c.sweep_interval_ms),
                 batch: 200,
+                queues: (c.step_max_queue_wait_ms > 0).then(|| {
+                    QueueWatch::new(
+                        self.broker.clone(),
+                        c.amqp_url.clone(),
+                        Duration::from_millis(c.step_max_queue_wait_ms),
+                    )
+                }),
             }
             .run(shutdown.child_token()),
         );

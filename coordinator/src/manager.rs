@@ -1,7 +1,8 @@
 //! The coordinator's background loops: the reply consumer (replies ->
 //! engine -> store, acked only after the commit) and the timeout sweeper.
 
-use std::time::Duration;
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable};
 use futures::StreamExt;
@@ -14,7 +15,8 @@ use skald_wire::contract::{REPLIES_QUEUE, ReplyEnvelope, ReplyOutcome};
 use skald_wire::linger::Linger;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{ReplyEvent, Store, Verdict};
+use crate::participants::{BrokerInspector, PROBE_TIMEOUT};
+use crate::store::{Backlog, ReplyEvent, Store, Verdict};
 
 /// Consumes `skald.coordinator.replies` until shut down, reconnecting with
 /// backoff whenever RabbitMQ goes away.
@@ -197,14 +199,22 @@ pub struct Sweeper {
     pub store: Store,
     pub interval: Duration,
     pub batch: i64,
+    /// The participants' queues, so that a deadline that passes while the
+    /// command still waits in its queue is moved instead of retried; `None`
+    /// turns that off (every deadline fires).
+    pub queues: Option<QueueWatch>,
 }
 
 impl Sweeper {
     #[tracing::instrument(name = "sweeper", skip_all)]
-    pub async fn run(self, shutdown: CancellationToken) {
+    pub async fn run(mut self, shutdown: CancellationToken) {
         let mut failures = 0u32;
         while !shutdown.is_cancelled() {
-            let wait = match self.store.sweep(self.batch).await {
+            let backlog = match self.queues.as_mut() {
+                Some(queues) => queues.backlog().await,
+                None => Backlog::default(),
+            };
+            let wait = match self.store.sweep(self.batch, &backlog).await {
                 Ok(n) if n as i64 >= self.batch => continue,
                 Ok(_) => {
                     failures = 0;
@@ -221,6 +231,107 @@ impl Sweeper {
                 () = shutdown.cancelled() => {}
             }
         }
+        if let Some(queues) = self.queues {
+            queues.close().await;
+        }
         tracing::info!("sweeper stopped");
+    }
+}
+
+/// How stale the sweeper's view of the queues may be.
+const QUEUES_REFRESH: Duration = Duration::from_secs(1);
+/// How long the sweeper leaves the broker alone after it could not ask it.
+const QUEUES_RETRY: Duration = Duration::from_secs(5);
+
+/// Which participants are behind: their command queue holds commands not
+/// yet delivered (ready) while a consumer is attached. Seen by passive
+/// declares on a connection of the sweeper's own, at most every
+/// [`QUEUES_REFRESH`]. A queue without a consumer does not count: a
+/// participant that is down is a failure, which timeouts, retries and
+/// compensations are there for. When the broker cannot be asked, no queue
+/// counts: deadlines fire as they would without this.
+pub struct QueueWatch {
+    broker: BrokerInspector,
+    amqp_url: String,
+    /// How long an attempt may wait behind a backlog, from when it was sent.
+    max_wait: Duration,
+    conn: Option<lapin::Connection>,
+    /// Participants seen with commands queued at either of the last two
+    /// looks: a command may leave the queue just after a look showed it,
+    /// and its deadline then still deserves a whole timeout.
+    seen: HashSet<String>,
+    /// Those of the last look alone.
+    last: HashSet<String>,
+    fresh_until: Option<Instant>,
+}
+
+impl QueueWatch {
+    pub fn new(broker: BrokerInspector, amqp_url: String, max_wait: Duration) -> Self {
+        Self {
+            broker,
+            amqp_url,
+            max_wait,
+            conn: None,
+            seen: HashSet::new(),
+            last: HashSet::new(),
+            fresh_until: None,
+        }
+    }
+
+    /// The view, refreshed if it is older than [`QUEUES_REFRESH`].
+    pub async fn backlog(&mut self) -> Backlog {
+        let now = Instant::now();
+        if self.fresh_until.is_none_or(|t| now >= t) {
+            self.refresh(now).await;
+        }
+        Backlog {
+            participants: self.seen.clone(),
+            max_wait: self.max_wait,
+        }
+    }
+
+    async fn refresh(&mut self, now: Instant) {
+        match tokio::time::timeout(PROBE_TIMEOUT, self.look()).await {
+            Ok(Ok(participants)) => {
+                if participants != self.last {
+                    tracing::info!(?participants, "participants with commands queued");
+                }
+                self.seen = participants.union(&self.last).cloned().collect();
+                self.last = participants;
+                self.fresh_until = Some(now + QUEUES_REFRESH);
+            }
+            failed => {
+                let error = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => format!("no answer within {PROBE_TIMEOUT:?}"),
+                };
+                tracing::warn!(%error, "cannot see the participants' queues; step deadlines fire as they fall");
+                self.conn = None;
+                self.seen.clear();
+                self.last.clear();
+                self.fresh_until = Some(now + QUEUES_RETRY);
+            }
+        }
+    }
+
+    async fn look(&mut self) -> Result<HashSet<String>, crate::participants::Error> {
+        if !self.conn.as_ref().is_some_and(|c| c.status().connected()) {
+            self.conn = Some(amqp::connect(&self.amqp_url, "skald-coordinator-sweeper").await?);
+        }
+        let Some(conn) = self.conn.as_ref() else {
+            return Ok(HashSet::new());
+        };
+        let queues = self.broker.via_amqp(conn).await?;
+        Ok(queues
+            .into_iter()
+            .filter(|q| q.ready > 0 && q.consumers > 0)
+            .map(|q| q.participant)
+            .collect())
+    }
+
+    async fn close(self) {
+        if let Some(conn) = self.conn {
+            let _ = conn.close(200, "shutdown".into()).await;
+        }
     }
 }

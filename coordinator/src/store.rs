@@ -8,8 +8,9 @@
 //! actions lock the row `FOR UPDATE`, the sweeper claims rows
 //! `FOR UPDATE SKIP LOCKED`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use rand::Rng;
@@ -124,6 +125,14 @@ pub struct OrderRecord {
     pub total_cents: i64,
     pub items: Value,
     pub created_at: DateTime<Utc>,
+}
+
+/// Participants whose command queue holds commands not yet delivered, as
+/// the sweeper last saw it, and how long an attempt may wait behind them.
+#[derive(Debug, Clone, Default)]
+pub struct Backlog {
+    pub participants: HashSet<String>,
+    pub max_wait: Duration,
 }
 
 #[derive(Clone)]
@@ -474,9 +483,11 @@ impl Store {
     }
 
     /// Feeds a tick to up to `limit` sagas whose `wake_at` has passed
-    /// (timeouts, ends of backoff). Returns how many it processed.
+    /// (timeouts, ends of backoff); a saga whose attempt in flight waits on
+    /// a participant in `backlog` gets [`Event::QueueBacklog`] instead.
+    /// Returns how many it processed.
     #[tracing::instrument(skip_all)]
-    pub async fn sweep(&self, limit: i64) -> Result<usize> {
+    pub async fn sweep(&self, limit: i64, backlog: &Backlog) -> Result<usize> {
         let mut tx = self.pool.begin().await?;
         // A saga that ends leaves its `RUNNING` entry in `sagas_status_id`
         // until the next vacuum, so between two vacuums the index holds one
@@ -501,9 +512,22 @@ impl Store {
         }
         let ctx = ctx();
         let mut sagas = Vec::with_capacity(rows.len());
+        let mut postponed: HashMap<String, u64> = HashMap::new();
         for row in &rows {
             let mut saga = self.load(row)?;
-            let t = skald_engine::apply(&saga.def, saga.state.clone(), Event::Tick, ctx)?;
+            let waiting_on = saga.state.waiting_on(&saga.def).map(|p| p.as_str().to_owned());
+            let event = match waiting_on {
+                Some(ref p) if backlog.participants.contains(p) => Event::QueueBacklog {
+                    max_wait: backlog.max_wait,
+                },
+                _ => Event::Tick,
+            };
+            let backlogged = matches!(event, Event::QueueBacklog { .. });
+            let t = skald_engine::apply(&saga.def, saga.state.clone(), event, ctx)?;
+            // Still waiting on the same participant, nothing sent: the deadline moved.
+            if backlogged && t.commands.is_empty() && t.state.waiting_on(&saga.def).is_some() {
+                *postponed.entry(waiting_on.unwrap_or_default()).or_default() += 1;
+            }
             absorb(&mut saga, t);
             sagas.push(saga);
         }
@@ -512,6 +536,14 @@ impl Store {
         tx.commit().await?;
         self.after_commit(written.outbox);
         written.observed.record();
+        for (participant, count) in postponed {
+            tracing::debug!(
+                participant,
+                count,
+                "step deadlines postponed: the participant's queue holds commands"
+            );
+            skald_wire::metrics::step_timeouts_postponed(&participant, count);
+        }
         Ok(n)
     }
 

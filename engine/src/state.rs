@@ -5,6 +5,8 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::definition::{ParticipantName, SagaDefinition};
+
 /// Lifecycle of a saga, as exposed by the HTTP API.
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -156,5 +158,20 @@ pub struct SagaState {
 impl SagaState {
     pub fn current_step(&self) -> Option<&StepState> {
         self.steps.get(self.cursor)
+    }
+
+    /// The participant whose reply the attempt in flight waits for (the
+    /// action's or the compensation's); `None` when no attempt is in flight
+    /// (a backoff, a final saga).
+    pub fn waiting_on<'d>(&self, def: &'d SagaDefinition) -> Option<&'d ParticipantName> {
+        if !self.status.is_active() {
+            return None;
+        }
+        let step = def.steps().get(self.cursor)?;
+        match self.steps.get(self.cursor)?.status {
+            StepStatus::Running => Some(&step.participant),
+            StepStatus::Compensating => step.compensation.as_ref().map(|(participant, _)| participant),
+            _ => None,
+        }
     }
 }

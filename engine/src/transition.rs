@@ -17,6 +17,8 @@
 //!   failure of an earlier attempt, duplicate, unknown attempt, another
 //!   step, a finished saga) changes nothing.
 
+use std::time::Duration;
+
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
@@ -51,6 +53,14 @@ pub enum Event {
     },
     /// The saga's `wake_at` has passed: a deadline expired or a backoff ended.
     Tick,
+    /// The saga's `wake_at` has passed while the participant its attempt in
+    /// flight waits on (see [`SagaState::waiting_on`]) still has commands
+    /// queued: the command is waiting its turn, not lost, and a retry would
+    /// only queue behind it. The attempt gets one more timeout, but no
+    /// deadline moves past `max_wait` after the step's first attempt (of
+    /// the action, or of the compensation) was sent; past that, or with no
+    /// attempt in flight (a backoff ended), this is a [`Event::Tick`].
+    QueueBacklog { max_wait: Duration },
     /// Operator: resume a `STUCK` saga's compensation.
     Retry,
     /// Operator: stop a `RUNNING` saga and compensate what may have run.
@@ -139,6 +149,7 @@ pub fn apply(def: &SagaDefinition, state: SagaState, event: Event, ctx: Ctx) -> 
             m.on_reply(index, attempt, kind, outcome)
         }
         Event::Tick => m.on_tick(),
+        Event::QueueBacklog { max_wait } => m.on_queue_backlog(max_wait),
         Event::Retry => m.on_retry()?,
         Event::Abort { reason } => m.on_abort(reason)?,
     };
@@ -270,6 +281,33 @@ impl Machine<'_> {
             StepStatus::CompensationWait => self.send_compensation(index),
             _ => return Applied::Ignored("no step is waiting"),
         }
+        Applied::Changed
+    }
+
+    fn on_queue_backlog(&mut self, max_wait: Duration) -> Applied {
+        match self.state.wake_at {
+            Some(at) if at <= self.ctx.now && self.state.status.is_active() => {}
+            _ => return Applied::Ignored("nothing is due"),
+        }
+        let index = self.state.cursor;
+        let step = &mut self.state.steps[index];
+        let (timeout, records) = match step.status {
+            StepStatus::Running => (self.def.steps()[index].timeout, &mut step.attempts),
+            StepStatus::Compensating => (self.def.compensation_timeout(), &mut step.compensations),
+            _ => return self.on_tick(),
+        };
+        // The wait is counted from the phase's first attempt, so that once
+        // it is over the step's retries run as they would without a backlog.
+        let first_sent = records.first().map(|r| r.sent_at);
+        let (Some(first_sent), Some(record)) = (first_sent, records.last_mut()) else {
+            return self.on_tick();
+        };
+        let deadline = (self.ctx.now + timeout).min(first_sent + max_wait);
+        if deadline <= self.ctx.now {
+            return self.on_tick();
+        }
+        record.deadline = deadline;
+        self.state.wake_at = Some(deadline);
         Applied::Changed
     }
 

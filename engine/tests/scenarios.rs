@@ -440,6 +440,81 @@ fn transient_failures_until_attempts_run_out_compensate_the_steps_before() {
         .expect_status(SagaStatus::Compensated);
 }
 
+/// How long an attempt may wait behind a participant's backlog in these tests.
+const MAX_QUEUE_WAIT: Duration = Duration::from_secs(12);
+
+fn backlog() -> Event {
+    Event::QueueBacklog {
+        max_wait: MAX_QUEUE_WAIT,
+    }
+}
+
+#[test]
+fn an_attempt_queued_behind_a_backlog_gets_another_timeout_instead_of_a_retry() {
+    let mut saga = SagaTest::given();
+    let order = ParticipantName::parse("order").expect("valid participant");
+    assert_eq!(saga.state.waiting_on(&saga.def), Some(&order));
+    // Not due yet: a backlog changes nothing either.
+    saga.wait(STEP_TIMEOUT - Duration::from_millis(1))
+        .when(backlog())
+        .expect_ignored();
+    // Due while the order participant's queue is backlogged: no retry, the
+    // same attempt gets one more timeout, and its record shows the deadline.
+    saga.wait(Duration::from_millis(1))
+        .when(backlog())
+        .expect(&[])
+        .expect_status(SagaStatus::Running)
+        .expect_wake_at(t0() + STEP_TIMEOUT * 2);
+    assert_eq!(saga.action_outcomes("create_order"), [None]);
+    assert_eq!(saga.state.steps[0].attempts[0].deadline, t0() + STEP_TIMEOUT * 2);
+    // The command's turn comes: its reply is the first attempt's.
+    saga.succeeds("create_order", 1).expect(&[charge_payment(1)]);
+}
+
+#[test]
+fn a_backlog_wait_ends_at_max_wait_and_the_attempt_then_times_out() {
+    let mut saga = SagaTest::given();
+    // 5 s timeout, 12 s at most: due at 5, then at 10, then at 12 (capped).
+    saga.now = t0() + STEP_TIMEOUT;
+    saga.when(backlog()).expect_wake_at(t0() + STEP_TIMEOUT * 2);
+    saga.now = saga.state.wake_at.expect("waiting");
+    saga.when(backlog()).expect(&[]).expect_wake_at(t0() + MAX_QUEUE_WAIT);
+    saga.now = t0() + MAX_QUEUE_WAIT;
+    saga.when(backlog())
+        .expect(&[])
+        .expect_wake_at(t0() + MAX_QUEUE_WAIT + secs(0.75));
+    assert_eq!(saga.action_outcomes("create_order"), [Some(AttemptOutcome::TimedOut)]);
+    assert_eq!(saga.step_status("create_order"), StepStatus::RetryWait);
+    // Backing off, nothing is in flight: a backlog is a tick, and the retry goes.
+    assert_eq!(saga.state.waiting_on(&saga.def), None);
+    saga.now = saga.state.wake_at.expect("backing off");
+    saga.when(backlog()).expect(&[create_order(2)]);
+    // The wait is over for this step: the retry's deadline is not moved.
+    saga.now += STEP_TIMEOUT;
+    saga.when(backlog()).expect(&[]);
+    assert_eq!(saga.step_status("create_order"), StepStatus::RetryWait);
+}
+
+#[test]
+fn a_compensation_queued_behind_a_backlog_gets_another_compensation_timeout() {
+    let mut saga = SagaTest::given();
+    saga.succeeds("create_order", 1)
+        .fails("charge_payment", 1)
+        .expect(&[cancel_order(1)]);
+    let sent_at = saga.now;
+    let order = ParticipantName::parse("order").expect("valid participant");
+    assert_eq!(saga.state.waiting_on(&saga.def), Some(&order));
+    saga.now = sent_at + COMPENSATION_TIMEOUT;
+    saga.when(backlog())
+        .expect(&[])
+        .expect_status(SagaStatus::Compensating)
+        .expect_wake_at(sent_at + COMPENSATION_TIMEOUT * 2);
+    saga.compensated("create_order", 1)
+        .expect(&[])
+        .expect_status(SagaStatus::Compensated);
+    assert_eq!(saga.state.waiting_on(&saga.def), None);
+}
+
 #[test]
 fn tick_before_wake_at_is_ignored() {
     let mut saga = SagaTest::given();

@@ -32,6 +32,7 @@ pub const STEP_DURATION: &str = "skald_step_duration_seconds";
 pub const STEP_ATTEMPTS: &str = "skald_step_attempts_total";
 pub const STEP_RETRIES: &str = "skald_step_retries_total";
 pub const STEP_TIMEOUTS: &str = "skald_step_timeouts_total";
+pub const STEP_TIMEOUTS_POSTPONED: &str = "skald_step_timeouts_postponed_total";
 pub const OUTBOX_ROWS: &str = "skald_outbox_rows";
 pub const OUTBOX_OLDEST_AGE: &str = "skald_outbox_oldest_age_seconds";
 pub const MESSAGES_PUBLISHED: &str = "skald_messages_published_total";
@@ -96,6 +97,10 @@ const COUNTERS: &[(&str, &str)] = &[
         "Step attempts after the first (retries), by step and kind.",
     ),
     (STEP_TIMEOUTS, "Step attempts whose deadline passed without a reply."),
+    (
+        STEP_TIMEOUTS_POSTPONED,
+        "Deadlines moved because the participant's queue still held commands, by participant.",
+    ),
     (MESSAGES_PUBLISHED, "Messages confirmed by the broker, by exchange."),
     (
         MESSAGES_CONSUMED,
@@ -197,6 +202,10 @@ pub fn step_replied(saga_type: &str, step: &str, kind: &str, outcome: &str, late
         "outcome" => outcome.to_owned()
     )
     .record(latency.as_secs_f64());
+}
+
+pub fn step_timeouts_postponed(participant: &str, n: u64) {
+    counter!(STEP_TIMEOUTS_POSTPONED, "participant" => participant.to_owned()).increment(n);
 }
 
 pub fn step_timed_out(saga_type: &str, step: &str, kind: &str) {

@@ -2,6 +2,7 @@
 //! test has its own databases, vhost and Redis prefix (see `skald_tests`).
 
 mod api;
+mod backlog;
 mod batched;
 mod load;
 mod locks;

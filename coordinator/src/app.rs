@@ -97,13 +97,13 @@ pub struct Config {
     /// Deadline of one step attempt.
     #[arg(long, env = "STEP_TIMEOUT_MS", default_value_t = 10_000)]
     pub step_timeout_ms: u64,
-    /// How long a step whose command still waits in its participant's queue
-    /// (commands ready while a consumer is attached: the participant is
-    /// behind) may go on waiting, from its first attempt, before deadlines
-    /// count: until then a deadline that passes is moved by one more timeout
-    /// instead of sending a retry that would only queue behind it. 0 turns
-    /// this off.
-    #[arg(long, env = "STEP_MAX_QUEUE_WAIT_MS", default_value_t = 300_000)]
+    /// How long a step may go on waiting, from its first attempt, while its
+    /// command or its reply may still be queued (the participant's command
+    /// queue holds ready commands while a consumer is attached, or the
+    /// coordinator's reply queue holds replies): until then a deadline that
+    /// passes is moved by one more timeout instead of sending a retry that
+    /// would only queue behind it. 0 turns this off.
+    #[arg(long, env = "STEP_MAX_QUEUE_WAIT_MS", default_value_t = 120_000)]
     pub step_max_queue_wait_ms: u64,
     /// Attempts per step (the first included) before the saga compensates.
     #[arg(long, env = "STEP_MAX_ATTEMPTS", default_value_t = 8)]

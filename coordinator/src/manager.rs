@@ -15,7 +15,7 @@ use skald_wire::contract::{REPLIES_QUEUE, ReplyEnvelope, ReplyOutcome};
 use skald_wire::linger::Linger;
 use tokio_util::sync::CancellationToken;
 
-use crate::participants::{BrokerInspector, PROBE_TIMEOUT};
+use crate::participants::{BrokerInspector, PROBE_TIMEOUT, probe};
 use crate::store::{Backlog, ReplyEvent, Store, Verdict};
 
 /// Consumes `skald.coordinator.replies` until shut down, reconnecting with
@@ -243,26 +243,33 @@ const QUEUES_REFRESH: Duration = Duration::from_secs(1);
 /// How long the sweeper leaves the broker alone after it could not ask it.
 const QUEUES_RETRY: Duration = Duration::from_secs(5);
 
-/// Which participants are behind: their command queue holds commands not
-/// yet delivered (ready) while a consumer is attached. Seen by passive
-/// declares on a connection of the sweeper's own, at most every
-/// [`QUEUES_REFRESH`]. A queue without a consumer does not count: a
-/// participant that is down is a failure, which timeouts, retries and
-/// compensations are there for. When the broker cannot be asked, no queue
-/// counts: deadlines fire as they would without this.
+/// Which queues are behind: a participant's command queue that holds
+/// commands not yet delivered (ready) while a consumer is attached, and the
+/// coordinator's own reply queue. Seen by passive declares on a connection
+/// of the sweeper's own, at most every [`QUEUES_REFRESH`]. A command queue
+/// without a consumer does not count: a participant that is down is a
+/// failure, which timeouts, retries and compensations are there for. When
+/// the broker cannot be asked, nothing counts: deadlines fire as they would
+/// without this.
 pub struct QueueWatch {
     broker: BrokerInspector,
     amqp_url: String,
-    /// How long an attempt may wait behind a backlog, from when it was sent.
+    /// How long an attempt may wait behind a backlog, from the step's first attempt.
     max_wait: Duration,
     conn: Option<lapin::Connection>,
-    /// Participants seen with commands queued at either of the last two
-    /// looks: a command may leave the queue just after a look showed it,
-    /// and its deadline then still deserves a whole timeout.
-    seen: HashSet<String>,
-    /// Those of the last look alone.
-    last: HashSet<String>,
+    /// What either of the last two looks saw: a message may leave its queue
+    /// just after a look showed it, and its deadline then still deserves a
+    /// whole timeout.
+    seen: Seen,
+    /// What the last look alone saw.
+    last: Seen,
     fresh_until: Option<Instant>,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct Seen {
+    participants: HashSet<String>,
+    replies: bool,
 }
 
 impl QueueWatch {
@@ -272,8 +279,8 @@ impl QueueWatch {
             amqp_url,
             max_wait,
             conn: None,
-            seen: HashSet::new(),
-            last: HashSet::new(),
+            seen: Seen::default(),
+            last: Seen::default(),
             fresh_until: None,
         }
     }
@@ -285,19 +292,23 @@ impl QueueWatch {
             self.refresh(now).await;
         }
         Backlog {
-            participants: self.seen.clone(),
+            participants: self.seen.participants.clone(),
+            replies: self.seen.replies,
             max_wait: self.max_wait,
         }
     }
 
     async fn refresh(&mut self, now: Instant) {
         match tokio::time::timeout(PROBE_TIMEOUT, self.look()).await {
-            Ok(Ok(participants)) => {
-                if participants != self.last {
-                    tracing::info!(?participants, "participants with commands queued");
+            Ok(Ok(seen)) => {
+                if seen != self.last {
+                    tracing::info!(participants = ?seen.participants, replies = seen.replies, "queues behind");
                 }
-                self.seen = participants.union(&self.last).cloned().collect();
-                self.last = participants;
+                self.seen = Seen {
+                    participants: seen.participants.union(&self.last.participants).cloned().collect(),
+                    replies: seen.replies || self.last.replies,
+                };
+                self.last = seen;
                 self.fresh_until = Some(now + QUEUES_REFRESH);
             }
             failed => {
@@ -305,28 +316,35 @@ impl QueueWatch {
                     Ok(Err(e)) => e.to_string(),
                     _ => format!("no answer within {PROBE_TIMEOUT:?}"),
                 };
-                tracing::warn!(%error, "cannot see the participants' queues; step deadlines fire as they fall");
+                tracing::warn!(%error, "cannot see the queues; step deadlines fire as they fall");
                 self.conn = None;
-                self.seen.clear();
-                self.last.clear();
+                self.seen = Seen::default();
+                self.last = Seen::default();
                 self.fresh_until = Some(now + QUEUES_RETRY);
             }
         }
     }
 
-    async fn look(&mut self) -> Result<HashSet<String>, crate::participants::Error> {
+    async fn look(&mut self) -> Result<Seen, crate::participants::Error> {
         if !self.conn.as_ref().is_some_and(|c| c.status().connected()) {
             self.conn = Some(amqp::connect(&self.amqp_url, "skald-coordinator-sweeper").await?);
         }
         let Some(conn) = self.conn.as_ref() else {
-            return Ok(HashSet::new());
+            return Ok(Seen::default());
         };
-        let queues = self.broker.via_amqp(conn).await?;
-        Ok(queues
+        let participants = self
+            .broker
+            .via_amqp(conn)
+            .await?
             .into_iter()
             .filter(|q| q.ready > 0 && q.consumers > 0)
             .map(|q| q.participant)
-            .collect())
+            .collect();
+        let (_, replies) = probe(conn, REPLIES_QUEUE).await?;
+        Ok(Seen {
+            participants,
+            replies: replies > 0,
+        })
     }
 
     async fn close(self) {

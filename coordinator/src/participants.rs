@@ -264,26 +264,7 @@ impl BrokerInspector {
         let mut out = Vec::with_capacity(self.participants.len());
         for participant in &self.participants {
             let queue = command_queue(participant);
-            let channel = conn.create_channel().await?;
-            let declared = channel
-                .queue_declare(
-                    queue.as_str().into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await;
-            let (consumers, ready) = match declared {
-                Ok(q) => {
-                    let _ = channel.close(200, "probed".into()).await;
-                    (q.consumer_count(), u64::from(q.message_count()))
-                }
-                // 404: the queue does not exist (the channel is closed by the broker).
-                Err(e) if is_not_found(&e) => (0, 0),
-                Err(e) => return Err(e.into()),
-            };
+            let (consumers, ready) = probe(conn, &queue).await?;
             out.push(QueueStats {
                 participant: participant.clone(),
                 queue,
@@ -293,6 +274,32 @@ impl BrokerInspector {
             });
         }
         Ok(out)
+    }
+}
+
+/// Consumers and ready messages of `queue`, by a passive declare on a
+/// channel of its own (a missing queue closes it): `(0, 0)` if it does not
+/// exist.
+pub async fn probe(conn: &Connection, queue: &str) -> Result<(u32, u64)> {
+    let channel = conn.create_channel().await?;
+    let declared = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    match declared {
+        Ok(q) => {
+            let _ = channel.close(200, "probed".into()).await;
+            Ok((q.consumer_count(), u64::from(q.message_count())))
+        }
+        // 404: the queue does not exist (the channel is closed by the broker).
+        Err(e) if is_not_found(&e) => Ok((0, 0)),
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -127,12 +127,23 @@ pub struct OrderRecord {
     pub created_at: DateTime<Utc>,
 }
 
-/// Participants whose command queue holds commands not yet delivered, as
-/// the sweeper last saw it, and how long an attempt may wait behind them.
+/// What the sweeper last saw queued, and how long an attempt may wait
+/// behind it.
 #[derive(Debug, Clone, Default)]
 pub struct Backlog {
+    /// Participants whose command queue holds commands not yet delivered.
     pub participants: HashSet<String>,
+    /// The coordinator's reply queue holds replies not yet applied: any
+    /// attempt's answer may be among them.
+    pub replies: bool,
     pub max_wait: Duration,
+}
+
+impl Backlog {
+    /// Whether an attempt waiting on `participant` may be waiting in a queue.
+    pub fn holds(&self, participant: &str) -> bool {
+        self.replies || self.participants.contains(participant)
+    }
 }
 
 #[derive(Clone)]
@@ -483,8 +494,8 @@ impl Store {
     }
 
     /// Feeds a tick to up to `limit` sagas whose `wake_at` has passed
-    /// (timeouts, ends of backoff); a saga whose attempt in flight waits on
-    /// a participant in `backlog` gets [`Event::QueueBacklog`] instead.
+    /// (timeouts, ends of backoff); a saga whose attempt in flight may be
+    /// waiting in a queue of `backlog` gets [`Event::QueueBacklog`] instead.
     /// Returns how many it processed.
     #[tracing::instrument(skip_all)]
     pub async fn sweep(&self, limit: i64, backlog: &Backlog) -> Result<usize> {
@@ -517,7 +528,7 @@ impl Store {
             let mut saga = self.load(row)?;
             let waiting_on = saga.state.waiting_on(&saga.def).map(|p| p.as_str().to_owned());
             let event = match waiting_on {
-                Some(ref p) if backlog.participants.contains(p) => Event::QueueBacklog {
+                Some(ref p) if backlog.holds(p) => Event::QueueBacklog {
                     max_wait: backlog.max_wait,
                 },
                 _ => Event::Tick,

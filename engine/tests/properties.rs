@@ -56,6 +56,11 @@ impl Said {
     }
 }
 
+/// How long an attempt may wait behind a backlog in this model: longer than
+/// some step timeouts (100 ms to 2 s) and shorter than others, so that both
+/// a moved deadline and the cap are reached.
+const MAX_QUEUE_WAIT: Duration = Duration::from_millis(3_000);
+
 #[derive(Debug, Clone)]
 enum Choice {
     /// The participant answers the command in flight.
@@ -64,6 +69,9 @@ enum Choice {
     Tick { late_ms: u64 },
     /// A tick before `wake_at` (when the clock allows one).
     EarlyTick,
+    /// The sweeper's tick while the queues are behind
+    /// ([`Event::QueueBacklog`]), `late_ms` after `wake_at`.
+    Backlog { late_ms: u64 },
     /// A reply delivered earlier arrives again.
     Duplicate(Index),
     /// A reply for a command that is no longer in flight.
@@ -105,6 +113,7 @@ fn choice() -> impl Strategy<Value = Choice> {
         2 => Just(Choice::Answer(Said::TransientFailure)),
         3 => (0u64..2_000).prop_map(|late_ms| Choice::Tick { late_ms }),
         1 => Just(Choice::EarlyTick),
+        2 => (0u64..2_000).prop_map(|late_ms| Choice::Backlog { late_ms }),
         1 => any::<Index>().prop_map(Choice::Duplicate),
         1 => (any::<Index>(), said()).prop_map(|(i, s)| Choice::Stale(i, s)),
         1 => (any::<Index>(), any::<bool>(), 0u32..3).prop_map(|(i, c, n)| Choice::UnknownAttempt(i, c, n)),
@@ -510,13 +519,58 @@ impl Sim {
 
     /// A tick `late_ms` after `wake_at`.
     fn tick(&mut self, late_ms: u64) -> Result<(), TestCaseError> {
+        self.tick_with(late_ms, Event::Tick)
+    }
+
+    /// `QueueBacklog` `late_ms` after `wake_at`: the attempt in flight gets
+    /// one more timeout, capped at `MAX_QUEUE_WAIT` after the phase's first
+    /// attempt, and nothing else changes; past the cap, or during a
+    /// backoff, it must do exactly what a tick does.
+    fn backlog(&mut self, late_ms: u64) -> Result<(), TestCaseError> {
+        let event = Event::QueueBacklog {
+            max_wait: MAX_QUEUE_WAIT,
+        };
+        let (Some(at), Some(k)) = (self.state.wake_at, self.in_flight) else {
+            return self.tick_with(late_ms, event);
+        };
+        let now = self.now.max(at) + Duration::from_millis(late_ms);
+        let (index, kind) = (self.issued[k].index, self.issued[k].cmd.kind);
+        let (timeout, first_sent) = {
+            let step = &self.state.steps[index];
+            match kind {
+                Kind::Action => (self.def.steps()[index].timeout, step.attempts[0].sent_at),
+                Kind::Compensation => (self.def.compensation_timeout(), step.compensations[0].sent_at),
+            }
+        };
+        let deadline = (now + timeout).min(first_sent + MAX_QUEUE_WAIT);
+        if deadline <= now {
+            return self.tick_with(late_ms, event);
+        }
+        self.now = now;
+        let mut expected = self.state.clone();
+        let sent = self.apply_changed(event)?;
+        prop_assert!(sent.is_empty(), "a backlog sent {:?}", sent);
+        expected.wake_at = Some(deadline);
+        let records = match kind {
+            Kind::Action => &mut expected.steps[index].attempts,
+            Kind::Compensation => &mut expected.steps[index].compensations,
+        };
+        if let Some(last) = records.last_mut() {
+            last.deadline = deadline;
+        }
+        prop_assert_eq!(&self.state, &expected, "a backlog changes only the deadline");
+        self.issued[k].deadline = deadline;
+        self.check_state()
+    }
+
+    fn tick_with(&mut self, late_ms: u64, event: Event) -> Result<(), TestCaseError> {
         let late = Duration::from_millis(late_ms);
         let Some(at) = self.state.wake_at else {
             self.now += late;
-            return self.expect_ignored(Event::Tick);
+            return self.expect_ignored(event);
         };
         self.now = self.now.max(at) + late;
-        let sent = self.apply_changed(Event::Tick)?;
+        let sent = self.apply_changed(event)?;
         match self.in_flight.take() {
             Some(k) => {
                 let cmd = self.issued[k].cmd.clone();
@@ -675,6 +729,7 @@ impl Sim {
             },
             Choice::Tick { late_ms } => self.tick(*late_ms),
             Choice::EarlyTick => self.early_tick(),
+            Choice::Backlog { late_ms } => self.backlog(*late_ms),
             Choice::Duplicate(pick) => self.duplicate(pick),
             Choice::Stale(pick, said) => self.stale(pick, *said),
             Choice::UnknownAttempt(pick, compensation, past) => self.unknown_attempt(pick, *compensation, *past),

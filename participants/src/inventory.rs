@@ -20,6 +20,16 @@ impl Handler for InventoryParticipant {
         message_type == "ReserveStock"
     }
 
+    /// Reservations of this saga's order: the reservation ran.
+    #[allow(clippy::manual_async_fn)]
+    fn action_took_effect<'a>(
+        &'a self,
+        tx: &'a mut PgConnection,
+        ctx: &'a CommandContext<'a>,
+    ) -> impl Future<Output = Result<bool, HandlerError>> + Send + 'a {
+        payload::order_rows_exist(tx, ctx, payload::OrderTable::Reservations)
+    }
+
     // Written out (not `async fn`) to promise `Send`: the runtime spawns handlers.
     #[allow(clippy::manual_async_fn)]
     fn handle<'a>(

@@ -392,6 +392,19 @@ impl Handler for OrderParticipant {
         Ok(self.store.shards.database_of(order_id(command)?))
     }
 
+    /// The order's row: the creation ran.
+    #[allow(clippy::manual_async_fn)]
+    fn action_took_effect<'a>(
+        &'a self,
+        tx: &'a mut PgConnection,
+        ctx: &'a CommandContext<'a>,
+    ) -> impl Future<Output = Result<bool, HandlerError>> + Send + 'a {
+        async move {
+            let order = OrderPayload::parse(&ctx.command.payload)?;
+            Ok(self.store.get_for_update(tx, order.order_id).await?.is_some())
+        }
+    }
+
     // Written out (not `async fn`) to promise `Send`: the runtime spawns handlers.
     #[allow(clippy::manual_async_fn)]
     fn handle<'a>(

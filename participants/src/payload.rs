@@ -42,6 +42,33 @@ impl OrderPayload {
 }
 
 /// The payloads of the commands a `handle_many` got, in order.
+/// Whether `table` has a row of this command's order and saga: the
+/// question of [`crate::runtime::Handler::action_took_effect`] for a
+/// participant whose action writes such rows.
+pub async fn order_rows_exist(
+    tx: &mut sqlx::PgConnection,
+    ctx: &CommandContext<'_>,
+    table: OrderTable,
+) -> Result<bool, HandlerError> {
+    let order = OrderPayload::parse(&ctx.command.payload)?;
+    let sql = match table {
+        OrderTable::Payments => "SELECT EXISTS (SELECT 1 FROM payments WHERE order_id = $1 AND saga_id = $2)",
+        OrderTable::Reservations => "SELECT EXISTS (SELECT 1 FROM reservations WHERE order_id = $1 AND saga_id = $2)",
+    };
+    Ok(sqlx::query_scalar(sql)
+        .bind(order.order_id)
+        .bind(ctx.command.saga_id)
+        .fetch_one(&mut *tx)
+        .await?)
+}
+
+/// Tables whose rows belong to one order and one saga.
+#[derive(Debug, Clone, Copy)]
+pub enum OrderTable {
+    Payments,
+    Reservations,
+}
+
 pub fn payloads(ctxs: &[CommandContext<'_>]) -> Result<Vec<OrderPayload>, HandlerError> {
     ctxs.iter().map(|c| OrderPayload::parse(&c.command.payload)).collect()
 }

@@ -37,6 +37,16 @@ impl Handler for PaymentParticipant {
         }
     }
 
+    /// A payment row of this saga's order: the charge ran.
+    #[allow(clippy::manual_async_fn)]
+    fn action_took_effect<'a>(
+        &'a self,
+        tx: &'a mut PgConnection,
+        ctx: &'a CommandContext<'a>,
+    ) -> impl Future<Output = Result<bool, HandlerError>> + Send + 'a {
+        payload::order_rows_exist(tx, ctx, payload::OrderTable::Payments)
+    }
+
     #[allow(clippy::manual_async_fn)]
     fn handle_many<'a>(
         &'a self,

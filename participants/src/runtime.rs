@@ -13,6 +13,9 @@
 //!   action never ran: it succeeds as a no-op, and the late action then finds
 //!   the tombstone and is refused. Both inserts go through the primary key,
 //!   so an action and a compensation in flight at once serialize there.
+//!   A handler may say that the action's effect is there all the same
+//!   ([`Handler::action_took_effect`]: its barrier row was deleted by the
+//!   retention): the compensation then runs.
 //!
 //! A transient failure (lock busy, database error, injected fault) rolls
 //! the transaction back and replies `retryable: true`: the coordinator
@@ -128,6 +131,21 @@ pub trait Handler: Send + Sync + 'static {
     /// is always safe.
     fn all_or_nothing(&self, _message_type: &str) -> bool {
         false
+    }
+
+    /// For a compensation whose action has no barrier row: whether the
+    /// action's effect is there all the same, because its barrier row was
+    /// deleted (by the inbox retention, say, while the saga waited `STUCK`
+    /// longer than it). The compensation then runs instead of being a
+    /// no-op; the tombstone is written either way, so a late action is
+    /// still refused. `false` (the default) trusts the barrier: the action
+    /// never ran. Runs in the compensation's transaction, under its lock.
+    fn action_took_effect<'a>(
+        &'a self,
+        _tx: &'a mut PgConnection,
+        _ctx: &'a CommandContext<'a>,
+    ) -> impl Future<Output = Result<bool, HandlerError>> + Send + 'a {
+        async { Ok(false) }
     }
 
     /// Applies the command in `tx`. Errors roll everything back.
@@ -875,6 +893,11 @@ impl<H: Handler> Runtime<H> {
         if !fresh {
             return Ok(replayed(stored_reply(tx, command, command.kind).await?, command));
         }
+        let ctx = CommandContext {
+            command,
+            message_type,
+            fence,
+        };
         let run_handler = match command.kind {
             Kind::Action => true,
             Kind::Compensation => {
@@ -889,18 +912,21 @@ impl<H: Handler> Runtime<H> {
                 );
                 let action_never_ran = claim(tx, command, message_type, Kind::Action, true, Some(&tombstone)).await?;
                 if action_never_ran {
-                    false
+                    let took_effect = self.handler.action_took_effect(tx, &ctx).await?;
+                    if took_effect {
+                        tracing::warn!(
+                            saga_id = %command.saga_id,
+                            step = %command.step,
+                            "the action's barrier row is gone but its effect is there: compensating it"
+                        );
+                    }
+                    took_effect
                 } else {
                     stored_reply(tx, command, Kind::Action).await?.outcome == ReplyOutcome::Success
                 }
             }
         };
         let reply = if run_handler {
-            let ctx = CommandContext {
-                command,
-                message_type,
-                fence,
-            };
             let mut savepoint = tx.begin().await?;
             match self.handler.handle(&mut savepoint, &ctx).await? {
                 Handled::Success(data) => {

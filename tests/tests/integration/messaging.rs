@@ -59,6 +59,51 @@ async fn a_duplicate_command_has_one_effect_and_gets_the_same_reply() {
     env.stop().await;
 }
 
+/// The inbox retention deletes barrier rows by age, also those of a saga
+/// left `STUCK` longer than that: a compensation retried afterwards finds no
+/// action row, and must still see the charge and refund it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compensation_whose_action_lost_its_barrier_row_still_undoes_it() {
+    let mut env = TestEnv::start(Setup::only(Which::Payment)).await;
+    env.seed(&[("gina", 1_000)], &[]).await;
+    let (_conn, ch) = env.amqp().await;
+    let (saga, order_id) = (Uuid::now_v7(), Uuid::now_v7());
+    publish_raw(
+        &ch,
+        COMMANDS_EXCHANGE,
+        "payment",
+        "ChargePayment",
+        &command(saga, order_id, 1, "action", "gina", 300),
+    )
+    .await;
+    let charged = take_messages(&ch, REPLIES_QUEUE, 1, WITHIN).await;
+    assert_eq!(charged[0].0["outcome"], "success");
+    assert_eq!(env.balance("gina").await, 700);
+
+    let deleted = sqlx::query("DELETE FROM inbox WHERE saga_id = $1")
+        .bind(saga)
+        .execute(&env.dbs.payments)
+        .await
+        .unwrap()
+        .rows_affected();
+    assert_eq!(deleted, 1, "the charge's barrier row, as the retention would");
+
+    publish_raw(
+        &ch,
+        COMMANDS_EXCHANGE,
+        "payment",
+        "RefundPayment",
+        &command(saga, order_id, 1, "compensation", "gina", 300),
+    )
+    .await;
+    let refunded = take_messages(&ch, REPLIES_QUEUE, 1, WITHIN).await;
+    assert_eq!(refunded[0].0["outcome"], "success");
+    assert_eq!(refunded[0].0["data"]["refunded_cents"], 300, "{:?}", refunded[0].0);
+    assert_eq!(env.balance("gina").await, 1_000, "the money is back");
+    assert_eq!(env.payments(order_id).await, vec![("REFUNDED".to_owned(), 300)]);
+    env.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_compensation_before_its_action_is_a_no_op_and_the_late_action_is_refused() {
     let mut env = TestEnv::start(Setup::only(Which::Payment)).await;

@@ -16,7 +16,7 @@ use skald_wire::linger::Linger;
 use tokio_util::sync::CancellationToken;
 
 use crate::participants::{BrokerInspector, PROBE_TIMEOUT, probe};
-use crate::store::{Backlog, ReplyEvent, Store, Verdict};
+use crate::store::{Backlog, ReplyEvent, Store, Swept, Verdict};
 
 /// Consumes `skald.coordinator.replies` until shut down, reconnecting with
 /// backoff whenever RabbitMQ goes away.
@@ -210,13 +210,19 @@ impl Sweeper {
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut failures = 0u32;
         while !shutdown.is_cancelled() {
-            let backlog = match self.queues.as_mut() {
-                Some(queues) => queues.backlog().await,
-                None => Backlog::default(),
+            let view = match self.queues.as_ref() {
+                Some(queues) => queues.fresh(),
+                None => Some(Backlog::default()),
             };
-            let wait = match self.store.sweep(self.batch, &backlog).await {
-                Ok(n) if n as i64 >= self.batch => continue,
-                Ok(_) => {
+            let wait = match self.store.sweep(self.batch, view.as_ref()).await {
+                Ok(Swept::NeedsQueues) => {
+                    if let Some(queues) = self.queues.as_mut() {
+                        queues.refresh().await;
+                    }
+                    continue;
+                }
+                Ok(Swept::Done(n)) if n as i64 >= self.batch => continue,
+                Ok(Swept::Done(_)) => {
                     failures = 0;
                     self.interval
                 }
@@ -226,12 +232,15 @@ impl Sweeper {
                     Duration::from_millis((100u64 << failures.min(5)).min(3_000))
                 }
             };
+            if let Some(queues) = self.queues.as_mut() {
+                queues.close_if_idle().await;
+            }
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}
                 () = shutdown.cancelled() => {}
             }
         }
-        if let Some(queues) = self.queues {
+        if let Some(mut queues) = self.queues {
             queues.close().await;
         }
         tracing::info!("sweeper stopped");
@@ -242,11 +251,16 @@ impl Sweeper {
 const QUEUES_REFRESH: Duration = Duration::from_secs(1);
 /// How long the sweeper leaves the broker alone after it could not ask it.
 const QUEUES_RETRY: Duration = Duration::from_secs(5);
+/// How long the sweeper keeps its connection without a look (an AMQP
+/// connection costs the coordinator about 14 MiB: measured 107.6 against
+/// 93.4 MiB with 10,000 sagas in flight).
+const QUEUES_IDLE: Duration = Duration::from_secs(30);
 
 /// Which queues are behind: a participant's command queue that holds
 /// commands not yet delivered (ready) while a consumer is attached, and the
 /// coordinator's own reply queue. Seen by passive declares on a connection
-/// of the sweeper's own, at most every [`QUEUES_REFRESH`]. A command queue
+/// of the sweeper's own, opened when a deadline passes (not before) and
+/// closed after [`QUEUES_IDLE`], at most every [`QUEUES_REFRESH`]. A command queue
 /// without a consumer does not count: a participant that is down is a
 /// failure, which timeouts, retries and compensations are there for. When
 /// the broker cannot be asked, nothing counts: deadlines fire as they would
@@ -261,8 +275,9 @@ pub struct QueueWatch {
     /// just after a look showed it, and its deadline then still deserves a
     /// whole timeout.
     seen: Seen,
-    /// What the last look alone saw.
+    /// What the last look alone saw, and when.
     last: Seen,
+    last_at: Option<Instant>,
     fresh_until: Option<Instant>,
 }
 
@@ -281,34 +296,43 @@ impl QueueWatch {
             conn: None,
             seen: Seen::default(),
             last: Seen::default(),
+            last_at: None,
             fresh_until: None,
         }
     }
 
-    /// The view, refreshed if it is older than [`QUEUES_REFRESH`].
-    pub async fn backlog(&mut self) -> Backlog {
-        let now = Instant::now();
-        if self.fresh_until.is_none_or(|t| now >= t) {
-            self.refresh(now).await;
-        }
-        Backlog {
+    /// The view, if it is recent enough to act on.
+    pub fn fresh(&self) -> Option<Backlog> {
+        self.fresh_until.filter(|t| Instant::now() < *t).map(|_| Backlog {
             participants: self.seen.participants.clone(),
             replies: self.seen.replies,
             max_wait: self.max_wait,
-        }
+        })
     }
 
-    async fn refresh(&mut self, now: Instant) {
+    /// Looks at the queues. Afterwards [`Self::fresh`] gives a view: what
+    /// was seen, or nothing behind if the broker could not be asked.
+    pub async fn refresh(&mut self) {
+        let now = Instant::now();
         match tokio::time::timeout(PROBE_TIMEOUT, self.look()).await {
             Ok(Ok(seen)) => {
                 if seen != self.last {
                     tracing::info!(participants = ?seen.participants, replies = seen.replies, "queues behind");
                 }
-                self.seen = Seen {
-                    participants: seen.participants.union(&self.last.participants).cloned().collect(),
-                    replies: seen.replies || self.last.replies,
+                // The look before counts only if it was the one just before.
+                let recent = self
+                    .last_at
+                    .is_some_and(|t| now.duration_since(t) <= QUEUES_REFRESH * 3);
+                self.seen = if recent {
+                    Seen {
+                        participants: seen.participants.union(&self.last.participants).cloned().collect(),
+                        replies: seen.replies || self.last.replies,
+                    }
+                } else {
+                    seen.clone()
                 };
                 self.last = seen;
+                self.last_at = Some(now);
                 self.fresh_until = Some(now + QUEUES_REFRESH);
             }
             failed => {
@@ -320,8 +344,17 @@ impl QueueWatch {
                 self.conn = None;
                 self.seen = Seen::default();
                 self.last = Seen::default();
+                self.last_at = None;
                 self.fresh_until = Some(now + QUEUES_RETRY);
             }
+        }
+    }
+
+    /// Closes the connection when no deadline has needed it for a while.
+    pub async fn close_if_idle(&mut self) {
+        let idle = self.last_at.is_none_or(|t| t.elapsed() >= QUEUES_IDLE);
+        if idle && self.conn.is_some() {
+            self.close().await;
         }
     }
 
@@ -347,9 +380,9 @@ impl QueueWatch {
         })
     }
 
-    async fn close(self) {
-        if let Some(conn) = self.conn {
-            let _ = conn.close(200, "shutdown".into()).await;
+    async fn close(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            let _ = conn.close(200, "idle".into()).await;
         }
     }
 }

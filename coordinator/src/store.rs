@@ -127,6 +127,16 @@ pub struct OrderRecord {
     pub created_at: DateTime<Utc>,
 }
 
+/// What a sweep did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Swept {
+    /// This many sagas got their event.
+    Done(usize),
+    /// Nothing changed: a deadline passed, and which queues are behind must
+    /// be known first.
+    NeedsQueues,
+}
+
 /// What the sweeper last saw queued, and how long an attempt may wait
 /// behind it.
 #[derive(Debug, Clone, Default)]
@@ -496,9 +506,12 @@ impl Store {
     /// Feeds a tick to up to `limit` sagas whose `wake_at` has passed
     /// (timeouts, ends of backoff); a saga whose attempt in flight may be
     /// waiting in a queue of `backlog` gets [`Event::QueueBacklog`] instead.
-    /// Returns how many it processed.
+    /// Without a view of the queues (`None`), a due attempt in flight makes
+    /// it stop without a change and ask for one ([`Swept::NeedsQueues`]), so
+    /// that the queues are looked at only when a deadline passes, and never
+    /// while rows are locked.
     #[tracing::instrument(skip_all)]
-    pub async fn sweep(&self, limit: i64, backlog: &Backlog) -> Result<usize> {
+    pub async fn sweep(&self, limit: i64, backlog: Option<&Backlog>) -> Result<Swept> {
         let mut tx = self.pool.begin().await?;
         // A saga that ends leaves its `RUNNING` entry in `sagas_status_id`
         // until the next vacuum, so between two vacuums the index holds one
@@ -519,12 +532,32 @@ impl Store {
         .await?;
         if rows.is_empty() {
             tx.rollback().await?;
-            return Ok(0);
+            return Ok(Swept::Done(0));
         }
         let ctx = ctx();
+        let Some(backlog) = backlog else {
+            for row in &rows {
+                let saga = self.load(row)?;
+                if saga.state.waiting_on(&saga.def).is_some() {
+                    tx.rollback().await?;
+                    return Ok(Swept::NeedsQueues);
+                }
+            }
+            return self.sweep_rows(tx, &rows, &Backlog::default(), ctx).await;
+        };
+        self.sweep_rows(tx, &rows, backlog, ctx).await
+    }
+
+    async fn sweep_rows(
+        &self,
+        mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
+        rows: &[sqlx::postgres::PgRow],
+        backlog: &Backlog,
+        ctx: Ctx,
+    ) -> Result<Swept> {
         let mut sagas = Vec::with_capacity(rows.len());
         let mut postponed: HashMap<String, u64> = HashMap::new();
-        for row in &rows {
+        for row in rows {
             let mut saga = self.load(row)?;
             let waiting_on = saga.state.waiting_on(&saga.def).map(|p| p.as_str().to_owned());
             let event = match waiting_on {
@@ -555,7 +588,7 @@ impl Store {
             );
             skald_wire::metrics::step_timeouts_postponed(&participant, count);
         }
-        Ok(n)
+        Ok(Swept::Done(n))
     }
 
     /// An operator action (`Event::Retry`, `Event::Abort`) on one saga.

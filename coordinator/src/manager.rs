@@ -199,9 +199,9 @@ pub struct Sweeper {
     pub store: Store,
     pub interval: Duration,
     pub batch: i64,
-    /// The participants' queues, so that a deadline that passes while the
-    /// command still waits in its queue is moved instead of retried; `None`
-    /// turns that off (every deadline fires).
+    /// The queues, so that a deadline that passes while the command or its
+    /// reply may still wait in one is moved instead of retried; `None` turns
+    /// that off (every deadline fires).
     pub queues: Option<QueueWatch>,
 }
 
@@ -258,10 +258,10 @@ const QUEUES_IDLE: Duration = Duration::from_secs(30);
 
 /// Which queues are behind: a participant's command queue that holds
 /// commands not yet delivered (ready) while a consumer is attached, and the
-/// coordinator's own reply queue. Seen by passive declares on a connection
-/// of the sweeper's own, opened when a deadline passes (not before) and
-/// closed after [`QUEUES_IDLE`], at most every [`QUEUES_REFRESH`]. A command queue
-/// without a consumer does not count: a participant that is down is a
+/// coordinator's own reply queue. Seen by passive declares, at most every
+/// [`QUEUES_REFRESH`], on a connection of the sweeper's own that is opened
+/// when a deadline passes and closed after [`QUEUES_IDLE`] without a look.
+/// A command queue without a consumer does not count: a participant that is down is a
 /// failure, which timeouts, retries and compensations are there for. When
 /// the broker cannot be asked, nothing counts: deadlines fire as they would
 /// without this.

@@ -584,7 +584,7 @@ impl Store {
             tracing::debug!(
                 participant,
                 count,
-                "step deadlines postponed: the participant's queue holds commands"
+                "step deadlines postponed: the command or its reply may still be queued"
             );
             skald_wire::metrics::step_timeouts_postponed(&participant, count);
         }

@@ -313,8 +313,11 @@ impl QueueWatch {
     /// Looks at the queues. Afterwards [`Self::fresh`] gives a view: what
     /// was seen, or nothing behind if the broker could not be asked.
     pub async fn refresh(&mut self) {
+        let looked = tokio::time::timeout(PROBE_TIMEOUT, self.look()).await;
+        // From the end of the look: a look slower than QUEUES_REFRESH must
+        // still leave a fresh view, or the sweeper would only ever look.
         let now = Instant::now();
-        match tokio::time::timeout(PROBE_TIMEOUT, self.look()).await {
+        match looked {
             Ok(Ok(seen)) => {
                 if seen != self.last {
                     tracing::info!(participants = ?seen.participants, replies = seen.replies, "queues behind");
@@ -384,5 +387,52 @@ impl QueueWatch {
         if let Some(conn) = self.conn.take() {
             let _ = conn.close(200, "idle".into()).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn watch(amqp_url: &str) -> QueueWatch {
+        let broker = BrokerInspector::new(amqp_url, None, vec!["payment".to_owned()]).expect("a valid URL");
+        QueueWatch::new(broker, amqp_url.to_owned(), Duration::from_secs(60))
+    }
+
+    /// A broker that cannot be asked leaves a view with nothing behind, so
+    /// that the sweep goes on and deadlines fire as they fall.
+    #[tokio::test]
+    async fn a_broker_that_refuses_leaves_a_fresh_empty_view() {
+        // Bind then drop: a loopback port with nobody listening.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let mut w = watch(&format!("amqp://guest:guest@127.0.0.1:{port}/%2f"));
+        assert!(w.fresh().is_none(), "no view before the first look");
+        w.refresh().await;
+        let view = w.fresh().expect("a view after a failed look");
+        assert!(view.participants.is_empty() && !view.replies);
+        assert!(!view.holds("payment"));
+    }
+
+    #[tokio::test]
+    async fn a_broker_that_never_answers_leaves_a_fresh_empty_view_after_the_probe_timeout() {
+        // Accepts the connection and says nothing.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let silent = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        let mut w = watch(&format!("amqp://guest:guest@127.0.0.1:{port}/%2f"));
+        let started = Instant::now();
+        w.refresh().await;
+        assert!(started.elapsed() >= PROBE_TIMEOUT, "gave up before the probe timeout");
+        let view = w.fresh().expect("a view after a look that timed out");
+        assert!(view.participants.is_empty() && !view.replies);
+        silent.abort();
     }
 }

@@ -53,10 +53,11 @@ pub enum Event {
     },
     /// The saga's `wake_at` has passed: a deadline expired or a backoff ended.
     Tick,
-    /// The saga's `wake_at` has passed while the participant its attempt in
-    /// flight waits on (see [`SagaState::waiting_on`]) still has commands
-    /// queued: the command is waiting its turn, not lost, and a retry would
-    /// only queue behind it. The attempt gets one more timeout, but no
+    /// The saga's `wake_at` has passed while the command of the attempt in
+    /// flight, or its reply, may still be waiting in a queue (the caller saw
+    /// the command queue of the participant it waits on, see
+    /// [`SagaState::waiting_on`], or the reply queue, behind): it is waiting
+    /// its turn, not lost, and a retry would only queue behind it. The attempt gets one more timeout, but no
     /// deadline moves past `max_wait` after the step's first attempt (of
     /// the action, or of the compensation) was sent; past that, or with no
     /// attempt in flight (a backoff ended), this is a [`Event::Tick`].

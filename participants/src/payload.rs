@@ -41,7 +41,6 @@ impl OrderPayload {
     }
 }
 
-/// The payloads of the commands a `handle_many` got, in order.
 /// Whether `table` has a row of this command's order and saga: the
 /// question of [`crate::runtime::Handler::action_took_effect`] for a
 /// participant whose action writes such rows.
@@ -69,6 +68,7 @@ pub enum OrderTable {
     Reservations,
 }
 
+/// The payloads of the commands a `handle_many` got, in order.
 pub fn payloads(ctxs: &[CommandContext<'_>]) -> Result<Vec<OrderPayload>, HandlerError> {
     ctxs.iter().map(|c| OrderPayload::parse(&c.command.payload)).collect()
 }

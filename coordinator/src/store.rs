@@ -534,31 +534,20 @@ impl Store {
             tx.rollback().await?;
             return Ok(Swept::Done(0));
         }
-        let ctx = ctx();
-        let Some(backlog) = backlog else {
-            for row in &rows {
-                let saga = self.load(row)?;
-                if saga.state.waiting_on(&saga.def).is_some() {
-                    tx.rollback().await?;
-                    return Ok(Swept::NeedsQueues);
-                }
+        let loaded = rows.iter().map(|row| self.load(row)).collect::<Result<Vec<_>>>()?;
+        let no_view = Backlog::default();
+        let backlog = match backlog {
+            Some(backlog) => backlog,
+            None if loaded.iter().any(|s| s.state.waiting_on(&s.def).is_some()) => {
+                tx.rollback().await?;
+                return Ok(Swept::NeedsQueues);
             }
-            return self.sweep_rows(tx, &rows, &Backlog::default(), ctx).await;
+            None => &no_view,
         };
-        self.sweep_rows(tx, &rows, backlog, ctx).await
-    }
-
-    async fn sweep_rows(
-        &self,
-        mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
-        rows: &[sqlx::postgres::PgRow],
-        backlog: &Backlog,
-        ctx: Ctx,
-    ) -> Result<Swept> {
-        let mut sagas = Vec::with_capacity(rows.len());
+        let ctx = ctx();
+        let mut sagas = Vec::with_capacity(loaded.len());
         let mut postponed: HashMap<String, u64> = HashMap::new();
-        for row in rows {
-            let mut saga = self.load(row)?;
+        for mut saga in loaded {
             let waiting_on = saga.state.waiting_on(&saga.def).map(|p| p.as_str().to_owned());
             let event = match waiting_on {
                 Some(ref p) if backlog.holds(p) => Event::QueueBacklog {

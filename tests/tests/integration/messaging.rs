@@ -28,6 +28,12 @@ pub(crate) fn command(saga_id: Uuid, order_id: Uuid, attempt: u32, kind: &str, c
     .into_bytes()
 }
 
+/// Publishes one command to the payment participant and takes one reply.
+async fn ask_payment(ch: &lapin::Channel, message_type: &str, body: &[u8]) -> Vec<(Value, lapin::types::FieldTable)> {
+    publish_raw(ch, COMMANDS_EXCHANGE, "payment", message_type, body).await;
+    take_messages(ch, REPLIES_QUEUE, 1, WITHIN).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_duplicate_command_has_one_effect_and_gets_the_same_reply() {
     let mut env = TestEnv::start(Setup::only(Which::Payment)).await;
@@ -44,15 +50,7 @@ async fn a_duplicate_command_has_one_effect_and_gets_the_same_reply() {
     assert_eq!(env.payments(order_id).await, vec![("CHARGED".to_owned(), 300)]);
 
     // A retry (new attempt) of the same step: the stored reply, with its own attempt number.
-    publish_raw(
-        &ch,
-        COMMANDS_EXCHANGE,
-        "payment",
-        "ChargePayment",
-        &command(saga, order_id, 2, "action", "erin", 300),
-    )
-    .await;
-    let retry = take_messages(&ch, REPLIES_QUEUE, 1, WITHIN).await;
+    let retry = ask_payment(&ch, "ChargePayment", &command(saga, order_id, 2, "action", "erin", 300)).await;
     assert_eq!(retry[0].0["attempt"], 2);
     assert_eq!(retry[0].0["outcome"], "success");
     assert_eq!(env.balance("erin").await, 700, "still charged once");
@@ -68,15 +66,7 @@ async fn a_compensation_whose_action_lost_its_barrier_row_still_undoes_it() {
     env.seed(&[("gina", 1_000)], &[]).await;
     let (_conn, ch) = env.amqp().await;
     let (saga, order_id) = (Uuid::now_v7(), Uuid::now_v7());
-    publish_raw(
-        &ch,
-        COMMANDS_EXCHANGE,
-        "payment",
-        "ChargePayment",
-        &command(saga, order_id, 1, "action", "gina", 300),
-    )
-    .await;
-    let charged = take_messages(&ch, REPLIES_QUEUE, 1, WITHIN).await;
+    let charged = ask_payment(&ch, "ChargePayment", &command(saga, order_id, 1, "action", "gina", 300)).await;
     assert_eq!(charged[0].0["outcome"], "success");
     assert_eq!(env.balance("gina").await, 700);
 
@@ -88,15 +78,12 @@ async fn a_compensation_whose_action_lost_its_barrier_row_still_undoes_it() {
         .rows_affected();
     assert_eq!(deleted, 1, "the charge's barrier row, as the retention would");
 
-    publish_raw(
+    let refunded = ask_payment(
         &ch,
-        COMMANDS_EXCHANGE,
-        "payment",
         "RefundPayment",
         &command(saga, order_id, 1, "compensation", "gina", 300),
     )
     .await;
-    let refunded = take_messages(&ch, REPLIES_QUEUE, 1, WITHIN).await;
     assert_eq!(refunded[0].0["outcome"], "success");
     assert_eq!(refunded[0].0["data"]["refunded_cents"], 300, "{:?}", refunded[0].0);
     assert_eq!(env.balance("gina").await, 1_000, "the money is back");
@@ -110,28 +97,22 @@ async fn a_compensation_before_its_action_is_a_no_op_and_the_late_action_is_refu
     env.seed(&[("frank", 1_000)], &[]).await;
     let (_conn, ch) = env.amqp().await;
     let (saga, order_id) = (Uuid::now_v7(), Uuid::now_v7());
-    publish_raw(
+    let comp = ask_payment(
         &ch,
-        COMMANDS_EXCHANGE,
-        "payment",
         "RefundPayment",
         &command(saga, order_id, 1, "compensation", "frank", 400),
     )
     .await;
-    let comp = take_messages(&ch, REPLIES_QUEUE, 1, WITHIN).await;
     assert_eq!(comp[0].0["kind"], "compensation");
     assert_eq!(comp[0].0["outcome"], "success");
     assert_eq!(comp[0].0["data"]["noop"], true);
 
-    publish_raw(
+    let late = ask_payment(
         &ch,
-        COMMANDS_EXCHANGE,
-        "payment",
         "ChargePayment",
         &command(saga, order_id, 1, "action", "frank", 400),
     )
     .await;
-    let late = take_messages(&ch, REPLIES_QUEUE, 1, WITHIN).await;
     assert_eq!(late[0].0["kind"], "action");
     assert_eq!(late[0].0["outcome"], "failure");
     assert_eq!(late[0].0["retryable"], false);
@@ -188,15 +169,12 @@ async fn an_undecodable_command_is_dead_lettered_and_the_participant_keeps_servi
     let dead = take_messages(&ch, DEAD_LETTER_QUEUE, 1, WITHIN).await;
     assert!(header(&dead[0].1, HEADER_REASON).unwrap().contains("StealMoney"));
 
-    publish_raw(
+    let replies = ask_payment(
         &ch,
-        COMMANDS_EXCHANGE,
-        "payment",
         "ChargePayment",
         &command(Uuid::now_v7(), order_id, 1, "action", "gina", 250),
     )
     .await;
-    let replies = take_messages(&ch, REPLIES_QUEUE, 1, WITHIN).await;
     let reply: &Value = &replies[0].0;
     assert_eq!(reply["outcome"], "success", "{reply}");
     assert_eq!(env.balance("gina").await, 750);

@@ -23,6 +23,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use chrono::{DateTime, Utc};
 use sqlx::{AssertSqlSafe, PgPool};
 use uuid::Uuid;
 
@@ -169,6 +170,7 @@ pub async fn verify(dbs: &Databases) -> Result<Report, sqlx::Error> {
     check_held(&world, v);
     check_money(&dbs.payments, v).await?;
     check_stock(&dbs.inventory, v).await?;
+    check_wakeups(&dbs.coordinator, v).await?;
     Ok(report)
 }
 
@@ -422,6 +424,33 @@ fn check_held(world: &World, v: &mut Vec<String>) {
             }
         }
     }
+}
+
+/// A saga with a deadline, its status, and its wake-up row's time if any.
+type Wakeup = (Uuid, String, DateTime<Utc>, Option<DateTime<Utc>>);
+
+/// Every saga with a deadline has a wake-up row no later than it, or the
+/// sweeper would never wake it (migration 0007). One statement, so one
+/// snapshot: a saga and its row are written together.
+async fn check_wakeups(pool: &PgPool, v: &mut Vec<String>) -> Result<(), sqlx::Error> {
+    let rows: Vec<Wakeup> = sqlx::query_as(
+        "SELECT s.id, s.status, s.wake_at, w.wake_at FROM sagas s
+         LEFT JOIN saga_wakeups w ON w.saga_id = s.id
+         WHERE s.status IN ('RUNNING', 'COMPENSATING') AND s.wake_at IS NOT NULL
+           AND (w.wake_at IS NULL OR w.wake_at > s.wake_at)
+         ORDER BY s.id",
+    )
+    .fetch_all(pool)
+    .await?;
+    for (saga, status, deadline, wakeup) in rows {
+        v.push(match wakeup {
+            None => format!("saga {saga} ({status}, due {deadline}): no wake-up row, the sweeper would never wake it"),
+            Some(w) => {
+                format!("saga {saga} ({status}, due {deadline}): its wake-up row says {w}, later than its deadline")
+            }
+        });
+    }
+    Ok(())
 }
 
 async fn check_money(pool: &PgPool, v: &mut Vec<String>) -> Result<(), sqlx::Error> {

@@ -13,3 +13,4 @@ mod optimistic;
 mod relay;
 mod retention;
 mod saga;
+mod wakeups;

@@ -74,7 +74,7 @@ async fn one_reply_applied_by_two_coordinators_at_once_is_written_once() {
 
 /// A test environment with no coordinator process and no participant (only
 /// the test writes the sagas), and a pool on its migrated coordinator database.
-async fn without_processes() -> (TestEnv, sqlx::PgPool) {
+pub(crate) async fn without_processes() -> (TestEnv, sqlx::PgPool) {
     let env = TestEnv::start(Setup {
         coordinator: false,
         participants: vec![],
@@ -93,7 +93,7 @@ async fn without_processes() -> (TestEnv, sqlx::PgPool) {
 }
 
 /// One coordinator's store (each has its own state cache).
-fn store(env: &TestEnv, pool: sqlx::PgPool) -> Store {
+pub(crate) fn store(env: &TestEnv, pool: sqlx::PgPool) -> Store {
     Store::new(
         pool,
         env.coordinator_config.registry().unwrap(),
@@ -102,7 +102,7 @@ fn store(env: &TestEnv, pool: sqlx::PgPool) -> Store {
     )
 }
 
-async fn new_order(store: &Store, customer: &str, price: i64) -> OrderRef {
+pub(crate) async fn new_order(store: &Store, customer: &str, price: i64) -> OrderRef {
     let request: OrderRequest = serde_json::from_value(order(customer, &[("sku-1", 1, price)])).unwrap();
     let created = store
         .create_order(&OrderToCreate {
@@ -118,7 +118,7 @@ async fn new_order(store: &Store, customer: &str, price: i64) -> OrderRef {
     ids
 }
 
-async fn stored_version(pool: &sqlx::PgPool, saga_id: uuid::Uuid) -> i64 {
+pub(crate) async fn stored_version(pool: &sqlx::PgPool, saga_id: uuid::Uuid) -> i64 {
     sqlx::query_scalar("SELECT version FROM sagas WHERE id = $1")
         .bind(saga_id)
         .fetch_one(pool)
@@ -127,7 +127,7 @@ async fn stored_version(pool: &sqlx::PgPool, saga_id: uuid::Uuid) -> i64 {
 }
 
 /// Commands of one type the saga's outbox holds (no relay runs here).
-async fn commands_sent(pool: &sqlx::PgPool, saga_id: uuid::Uuid, message_type: &str) -> i64 {
+pub(crate) async fn commands_sent(pool: &sqlx::PgPool, saga_id: uuid::Uuid, message_type: &str) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM outbox WHERE correlation_id = $1 AND message_type = $2")
         .bind(saga_id)
         .bind(message_type)
@@ -136,14 +136,19 @@ async fn commands_sent(pool: &sqlx::PgPool, saga_id: uuid::Uuid, message_type: &
         .unwrap()
 }
 
-fn success(saga_id: uuid::Uuid, step: &str) -> ReplyEvent {
+pub(crate) fn success(saga_id: uuid::Uuid, step: &str) -> ReplyEvent {
+    reply(saga_id, step, 1, Outcome::Success { data: json!({}) })
+}
+
+/// A participant's reply to attempt `attempt` of `step`'s action.
+pub(crate) fn reply(saga_id: uuid::Uuid, step: &str, attempt: u32, outcome: Outcome) -> ReplyEvent {
     ReplyEvent {
         saga_id,
         event: Event::Reply {
             step: step.to_owned(),
-            attempt: 1,
+            attempt,
             kind: Kind::Action,
-            outcome: Outcome::Success { data: json!({}) },
+            outcome,
         },
     }
 }

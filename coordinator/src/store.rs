@@ -592,26 +592,26 @@ impl Store {
                 next.push(wake);
             }
         }
-        let dropped = sqlx::query(
+        let loaded: Vec<Uuid> = sagas.iter().chain(&early).map(|s| s.id).collect();
+        let dropped: Vec<Uuid> = sqlx::query_scalar(
             "WITH next AS (
                  UPDATE saga_wakeups AS w SET wake_at = n.wake_at
                  FROM UNNEST($1::uuid[], $2::timestamptz[]) AS n(id, wake_at)
                  WHERE w.saga_id = n.id)
              DELETE FROM saga_wakeups AS w
              WHERE w.saga_id = ANY($3) AND w.saga_id <> ALL($1)
-               AND (w.saga_id = ANY($4) OR NOT EXISTS (SELECT 1 FROM sagas AS s WHERE s.id = w.saga_id))",
+               AND (w.saga_id = ANY($4) OR NOT EXISTS (SELECT 1 FROM sagas AS s WHERE s.id = w.saga_id))
+             RETURNING w.saga_id",
         )
         .bind(&moved)
         .bind(&next)
         .bind(&due)
-        .bind(sagas.iter().chain(&early).map(|s| s.id).collect::<Vec<_>>())
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        // Handled: the sagas loaded, and the rows of sagas gone (not those
-        // skipped as locked, so that a full count means more may be due).
-        let loaded_n = sagas.len() + early.len();
-        let handled = loaded_n + (dropped as usize).saturating_sub(loaded_n - moved.len());
+        .bind(&loaded)
+        .fetch_all(&mut *tx)
+        .await?;
+        // Handled: the sagas loaded and the rows of sagas gone, not the rows
+        // skipped as locked (a full count means more may be due).
+        let handled = loaded.len() + dropped.iter().filter(|id| !loaded.contains(id)).count();
         tx.commit().await?;
         self.after_commit(written.outbox);
         written.observed.record();

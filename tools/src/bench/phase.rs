@@ -22,6 +22,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use super::legs::Leg;
 use super::procfs::{self, MachineCpu, Memory};
 use crate::Api;
 use crate::workload::{PlannedOrder, percentile, retry_until};
@@ -31,6 +32,8 @@ pub struct Env {
     pub api: Api,
     /// The coordinator's database.
     pub coordinator_url: String,
+    /// `(participant, database URL)` of each participant, for the legs.
+    pub participant_urls: Vec<(String, String)>,
     /// A connection to the `postgres` database, for `pg_stat_database` (so
     /// that reading the statistics does not count in our databases).
     pub admin: PgPool,
@@ -66,6 +69,21 @@ impl Env {
     /// exits, so the bench's own queries are all counted by the next reading.
     pub fn coordinator_pool(&self) -> anyhow::Result<PgPool> {
         skald_wire::db::lazy_pool(&self.coordinator_url, 1).context("coordinator database")
+    }
+
+    /// The legs of `ids` (read after the phase's closing snapshot, so not
+    /// counted among its transactions).
+    async fn legs(&self, coordinator: &PgPool, ids: &[Uuid]) -> anyhow::Result<Vec<Leg>> {
+        let mut pools = Vec::with_capacity(self.participant_urls.len());
+        for (name, url) in &self.participant_urls {
+            let pool = skald_wire::db::lazy_pool(url, 1).with_context(|| format!("{name} database"))?;
+            pools.push((name.clone(), pool));
+        }
+        let legs = super::legs::measure(coordinator, &pools, ids).await;
+        for (_, pool) in pools {
+            pool.close().await;
+        }
+        legs
     }
 
     async fn snapshot(&self) -> anyhow::Result<Snapshot> {
@@ -168,8 +186,13 @@ impl Measure {
         let memories = env.memories()?;
         let pool = env.coordinator_pool()?;
         let figures = saga_figures(&pool, &load.saga_ids).await;
+        let legs = match (&figures, kind) {
+            (Ok(_), PhaseKind::ClosedLoop | PhaseKind::OpenLoop) => env.legs(&pool, &load.saga_ids).await,
+            _ => Ok(Vec::new()),
+        };
         pool.close().await;
         let figures = figures?;
+        let legs = legs?;
 
         let xacts_by_db: BTreeMap<String, i64> = end
             .xacts
@@ -238,6 +261,7 @@ impl Measure {
             machine_cpu_busy: round3(self.start.machine.busy_share(&end.machine)),
             measured_secs: round3(elapsed),
             processes,
+            legs,
             in_flight: None,
         })
     }
@@ -273,7 +297,7 @@ pub struct Latency {
 }
 
 impl Latency {
-    fn of(mut v: Vec<Duration>) -> Self {
+    pub fn of(mut v: Vec<Duration>) -> Self {
         v.sort();
         let ms = |d: Option<Duration>| round1(d.map_or(0.0, |d| d.as_secs_f64() * 1000.0));
         let mean = if v.is_empty() {
@@ -371,6 +395,10 @@ pub struct PhaseReport {
     /// Between the readings of `pg_xacts`, CPU and machine CPU.
     pub measured_secs: f64,
     pub processes: Vec<ProcessReport>,
+    /// Each step split into its two legs (see [`super::legs`]); none for
+    /// the in-flight phase, whose sagas wait for the participants.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub legs: Vec<Leg>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub in_flight: Option<InFlightReport>,
 }

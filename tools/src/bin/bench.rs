@@ -396,6 +396,10 @@ async fn run(
     let env = Env {
         api: Api::new(&dep.url, None)?,
         coordinator_url: s.db_url(""),
+        participant_urls: [("order", "orders"), ("payment", "payments"), ("inventory", "inventory")]
+            .into_iter()
+            .map(|(name, db)| (name.to_owned(), s.db_url(db)))
+            .collect(),
         admin: admin.clone(),
         db_names: s.db_names(),
         children: dep.children.iter().map(|c| (c.name, c.pid)).collect(),
@@ -650,6 +654,21 @@ fn print_phase(r: &PhaseReport) {
             mib(p.peak_rss_mib),
             mib(p.rss_mib)
         );
+    }
+    if !r.legs.is_empty() {
+        eprintln!(
+            "  {:<28}{:>6}{:>24}{:>20}",
+            "step legs (ms)", "steps", "to participant p50/p99", "back p50/p99"
+        );
+        for l in &r.legs {
+            eprintln!(
+                "  {:<28}{:>6}{:>24}{:>20}",
+                format!("{} ({})", l.step, l.participant),
+                l.count,
+                format!("{:.1} / {:.1}", l.to_participant_ms.p50, l.to_participant_ms.p99),
+                format!("{:.1} / {:.1}", l.back_ms.p50, l.back_ms.p99)
+            );
+        }
     }
     if let Some(f) = &r.in_flight {
         eprintln!(

@@ -320,6 +320,45 @@ impl Latency {
     }
 }
 
+/// The fixed-rate phases of one bench run: each one's p50 and p99, and
+/// their medians.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct FixedRateSummary {
+    pub rate: f64,
+    pub runs: usize,
+    pub p50_ms: Vec<f64>,
+    pub p99_ms: Vec<f64>,
+    pub median_p50_ms: f64,
+    pub median_p99_ms: f64,
+}
+
+impl FixedRateSummary {
+    /// From each run's `(p50, p99)`, in run order.
+    pub fn of(rate: f64, runs: &[(f64, f64)]) -> Self {
+        let p50_ms: Vec<f64> = runs.iter().map(|r| r.0).collect();
+        let p99_ms: Vec<f64> = runs.iter().map(|r| r.1).collect();
+        Self {
+            rate: round1(rate),
+            runs: runs.len(),
+            median_p50_ms: median(&p50_ms),
+            median_p99_ms: median(&p99_ms),
+            p50_ms,
+            p99_ms,
+        }
+    }
+}
+
+/// The middle value (the mean of the two middle ones for an even count); 0 for none.
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => round1((v[n / 2 - 1] + v[n / 2]) / 2.0),
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct ProcessReport {
     pub name: String,
@@ -835,4 +874,22 @@ pub async fn in_flight(
         bench_queries: queries + tracker.queries,
     };
     Ok((load, report))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fixed_rate_summary_keeps_each_run_and_takes_medians() {
+        let s = FixedRateSummary::of(369.96, &[(125.0, 208.0), (155.0, 275.0), (99.0, 168.0)]);
+        assert_eq!(s.rate, 370.0);
+        assert_eq!(s.runs, 3);
+        assert_eq!(s.p99_ms, [208.0, 275.0, 168.0], "in run order");
+        assert_eq!(s.median_p99_ms, 208.0);
+        assert_eq!(s.median_p50_ms, 125.0);
+        let even = FixedRateSummary::of(100.0, &[(10.0, 40.0), (20.0, 60.0)]);
+        assert_eq!(even.median_p99_ms, 50.0, "the mean of the two middle runs");
+        assert_eq!(FixedRateSummary::of(1.0, &[]).median_p99_ms, 0.0);
+    }
 }

@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use skald_participants::verify;
 use skald_tools::bench::baseline::{self, Baseline};
 use skald_tools::bench::deploy::{self, Deployment, MANAGED_ENV, Settings};
-use skald_tools::bench::phase::{self, Env, Measure, Pacing, PhaseKind, PhaseReport};
+use skald_tools::bench::phase::{self, Env, FixedRateSummary, Measure, Pacing, PhaseKind, PhaseReport};
 use skald_tools::bench::preload::{self, PreloadReport};
 use skald_tools::bench::procfs::Machine;
 use skald_tools::workload::{self, Mix};
@@ -73,6 +73,11 @@ struct Args {
     /// Seconds of the fixed-rate phase (0 skips it).
     #[arg(long, default_value_t = 10.0)]
     duration: f64,
+    /// Fixed-rate phases to run back to back at the same rate; the report
+    /// gives each one and the median of their p50 and p99 (the figure to
+    /// track on a machine whose speed moves from run to run).
+    #[arg(long, default_value_t = 1)]
+    repeats: usize,
     /// Share of orders that fail deterministically (0..1), spread evenly.
     #[arg(long, default_value_t = 0.0)]
     fail_share: f64,
@@ -208,6 +213,8 @@ struct Report {
     saturating_sagas_per_sec: Option<f64>,
     /// Saturating sagas/s divided by the baseline's best tx/s.
     baseline_ratio: Option<f64>,
+    /// The fixed-rate phases' latencies, and their medians.
+    fixed_rate: Option<FixedRateSummary>,
     target_ratio: f64,
     in_flight_target_rss_mib: f64,
     invariants: Option<Value>,
@@ -455,9 +462,35 @@ async fn run(
         Some(rate) if args.duration > 0.0 => {
             let n = ((rate * args.duration).round() as usize).max(1);
             let pacing = Pacing::Open { rate, max_posts: 256 };
-            let r = run_phase(&env, s, "fixed-rate", n, pacing, mix, &mut rng, &mut next_index).await?;
-            print_phase(&r);
-            report.phases.push(r);
+            let repeats = args.repeats.max(1);
+            let mut runs = Vec::with_capacity(repeats);
+            for i in 1..=repeats {
+                let name = if repeats == 1 {
+                    "fixed-rate".to_owned()
+                } else {
+                    format!("fixed-rate-{i}")
+                };
+                let r = run_phase(&env, s, &name, n, pacing, mix, &mut rng, &mut next_index).await?;
+                print_phase(&r);
+                runs.push((r.latency_ms.p50, r.latency_ms.p99));
+                report.phases.push(r);
+            }
+            let summary = FixedRateSummary::of(rate, &runs);
+            if repeats > 1 {
+                eprintln!();
+                eprintln!(
+                    "fixed rate {rate:.1} orders/s, {repeats} runs: p99 {} ms (median {:.0}), p50 median {:.0} ms",
+                    summary
+                        .p99_ms
+                        .iter()
+                        .map(|p| format!("{p:.0}"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    summary.median_p99_ms,
+                    summary.median_p50_ms
+                );
+            }
+            report.fixed_rate = Some(summary);
         }
         None if args.duration > 0.0 => {
             eprintln!("fixed-rate phase skipped: no --rate and no saturating phase to take half of");
@@ -536,7 +569,7 @@ async fn seed(s: &Settings, planned: &workload::Planned) -> anyhow::Result<()> {
 async fn run_phase(
     env: &Env,
     s: &Settings,
-    name: &'static str,
+    name: &str,
     n: usize,
     pacing: Pacing,
     mix: Mix,

@@ -230,6 +230,27 @@ pub async fn versions(s: &Settings) -> (String, String, String) {
     )
 }
 
+/// The folders each child binary is built from: its crate, the crates it
+/// depends on, and its migrations (with the workspace's `Cargo.toml` and
+/// `Cargo.lock`). Cargo relinks a binary only when one of its own inputs
+/// changed, so a binary is compared with its own sources only.
+const BINARY_SOURCES: [(&str, &[&str]); 2] = [
+    (
+        "coordinator",
+        &["engine", "wire", "coordinator", "migrations/coordinator"],
+    ),
+    (
+        "participant",
+        &[
+            "wire",
+            "participants",
+            "migrations/orders",
+            "migrations/payments",
+            "migrations/inventory",
+        ],
+    ),
+];
+
 /// Warnings for child binaries older than the sources they are built from
 /// (`cargo run --bin bench` rebuilds the bench only). Looks for the
 /// workspace two levels above the binaries (`target/release`); silent if
@@ -238,24 +259,31 @@ pub fn stale_binaries(s: &Settings) -> Vec<String> {
     let Some(root) = s.bin_dir.parent().and_then(Path::parent) else {
         return Vec::new();
     };
+    stale_in(root, &s.bin_dir)
+}
+
+fn stale_in(root: &Path, bin_dir: &Path) -> Vec<String> {
     if !root.join("Cargo.toml").is_file() {
         return Vec::new();
     }
-    let newest_source = ["engine", "wire", "coordinator", "participants", "migrations"]
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let manifests = ["Cargo.toml", "Cargo.lock"]
         .iter()
-        .filter_map(|d| newest_file(&root.join(d)))
+        .filter_map(|f| modified(&root.join(f)))
         .max();
-    let Some(newest_source) = newest_source else {
-        return Vec::new();
-    };
-    ["coordinator", "participant"]
+    BINARY_SOURCES
         .iter()
-        .filter_map(|b| {
-            let built = std::fs::metadata(s.bin_dir.join(b)).and_then(|m| m.modified()).ok()?;
+        .filter_map(|(binary, dirs)| {
+            let newest_source = dirs
+                .iter()
+                .filter_map(|d| newest_file(&root.join(d)))
+                .chain(manifests)
+                .max()?;
+            let built = modified(&bin_dir.join(binary))?;
             (built < newest_source).then(|| {
                 format!(
                     "{} is older than the sources in {}: run `cargo build --release -p skald-coordinator -p skald-participants` to measure the current code",
-                    s.bin_dir.join(b).display(),
+                    bin_dir.join(binary).display(),
                     root.display()
                 )
             })
@@ -515,7 +543,43 @@ fn free_port() -> anyhow::Result<u16> {
 
 #[cfg(test)]
 mod tests {
-    use super::with_database;
+    use std::path::Path;
+    use std::time::{Duration, SystemTime};
+
+    use super::{stale_in, with_database};
+
+    /// Writes `path` under `root` with the given modification time.
+    fn file_at(root: &Path, path: &str, at: SystemTime) {
+        let path = root.join(path);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let f = std::fs::File::create(&path).unwrap();
+        f.set_modified(at).unwrap();
+    }
+
+    #[test]
+    fn a_binary_is_stale_only_against_its_own_sources() {
+        let root = std::env::temp_dir().join(format!("skald-stale-{}", uuid::Uuid::new_v4()));
+        let t = |s: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + s);
+        file_at(&root, "Cargo.toml", t(0));
+        file_at(&root, "wire/src/lib.rs", t(0));
+        file_at(&root, "coordinator/src/main.rs", t(0));
+        file_at(&root, "participants/src/main.rs", t(0));
+        file_at(&root, "target/release/coordinator", t(10));
+        file_at(&root, "target/release/participant", t(10));
+        let bin = root.join("target/release");
+        assert!(stale_in(&root, &bin).is_empty(), "both built after their sources");
+
+        // A participant's source changed: its binary is stale, not the coordinator.
+        file_at(&root, "participants/src/runtime.rs", t(20));
+        let stale = stale_in(&root, &bin);
+        assert_eq!(stale.len(), 1, "{stale:?}");
+        assert!(stale[0].contains("release/participant is older"), "{stale:?}");
+
+        // A shared crate changed: both are stale.
+        file_at(&root, "wire/src/amqp.rs", t(30));
+        assert_eq!(stale_in(&root, &bin).len(), 2);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 
     #[test]
     fn the_database_goes_before_the_query() {

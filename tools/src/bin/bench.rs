@@ -156,6 +156,7 @@ impl Args {
             "--fail-share must be between 0 and 1"
         );
         anyhow::ensure!(self.duration >= 0.0, "--duration must not be negative");
+        anyhow::ensure!(self.repeats > 0, "--repeats must be at least 1");
         anyhow::ensure!(self.rate.is_none_or(|r| r > 0.0), "--rate must be positive");
         anyhow::ensure!(self.preload_chunk > 0, "--preload-chunk must be at least 1");
         anyhow::ensure!(
@@ -462,7 +463,7 @@ async fn run(
         Some(rate) if args.duration > 0.0 => {
             let n = ((rate * args.duration).round() as usize).max(1);
             let pacing = Pacing::Open { rate, max_posts: 256 };
-            let repeats = args.repeats.max(1);
+            let repeats = args.repeats;
             let mut runs = Vec::with_capacity(repeats);
             for i in 1..=repeats {
                 let name = if repeats == 1 {

@@ -11,6 +11,7 @@ use anyhow::Context;
 use skald_engine::RetryPolicy;
 use skald_wire::amqp::{QueueType, Topology};
 use skald_wire::faults::Faults;
+use skald_wire::linger;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -68,19 +69,19 @@ pub struct Config {
     /// How long a batch of outbox rows waits for more once it has one: a
     /// little latency per hop for fewer broker round trips under moderate
     /// load. 0 never waits.
-    #[arg(long, env = "BATCH_LINGER_MS", default_value_t = 1)]
-    pub batch_linger_ms: u64,
+    #[arg(long = "batch-linger-ms", env = "BATCH_LINGER_MS", default_value = "1", value_parser = linger::parse_millis)]
+    pub batch_linger: Duration,
     /// How long a batch of replies waits for more once it has one. The
     /// reply consumer is the busiest stage: replies that arrive while it
     /// writes a batch make the next one, so by default it does not wait.
-    #[arg(long, env = "REPLY_LINGER_MS", default_value_t = 0)]
-    pub reply_linger_ms: u64,
+    #[arg(long = "reply-linger-ms", env = "REPLY_LINGER_MS", default_value = "0", value_parser = linger::parse_millis)]
+    pub reply_linger: Duration,
     /// How long a batch of new orders (`POST /v1/orders`) waits for more
     /// once it has one, while orders keep coming (the previous batch left
     /// less than this long ago): group commit, fewer transactions for a
     /// few milliseconds of `POST` latency. 0 never waits.
-    #[arg(long, env = "INTAKE_LINGER_MS", default_value_t = 5)]
-    pub intake_linger_ms: u64,
+    #[arg(long = "intake-linger-ms", env = "INTAKE_LINGER_MS", default_value = "5", value_parser = linger::parse_millis)]
+    pub intake_linger: Duration,
     /// New orders written by one statement (one commit) at most: the
     /// `POST /v1/orders` requests waiting when the previous batch is done.
     #[arg(long, env = "ORDER_BATCH", default_value_t = 64)]
@@ -266,7 +267,7 @@ impl Application {
                 handoff: self.handoff.clone(),
                 batch_size: c.relay_batch,
                 poll_interval: Duration::from_millis(c.relay_poll_ms),
-                linger: Duration::from_millis(c.batch_linger_ms),
+                linger: c.batch_linger,
                 faults: self.faults.clone(),
             }
             .run(shutdown.child_token()),
@@ -279,7 +280,7 @@ impl Application {
                 participants: self.registry.participants(),
                 prefetch: c.reply_prefetch,
                 batch_max: c.reply_batch.max(1),
-                linger: Duration::from_millis(c.reply_linger_ms),
+                linger: c.reply_linger,
                 max_redeliveries: c.max_redeliveries,
             }
             .run(shutdown.child_token()),
@@ -319,11 +320,7 @@ impl Application {
                 .run(shutdown.child_token()),
             );
         }
-        let (intake, intake_task) = OrderIntake::spawn(
-            self.store.clone(),
-            c.order_batch,
-            Duration::from_millis(c.intake_linger_ms),
-        );
+        let (intake, intake_task) = OrderIntake::spawn(self.store.clone(), c.order_batch, c.intake_linger);
         tasks.close();
         let state = ApiState {
             store: self.store.clone(),

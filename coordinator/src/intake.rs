@@ -12,6 +12,7 @@
 
 use std::time::Duration;
 
+use skald_wire::alarm::Alarm;
 use skald_wire::linger::Linger;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -64,6 +65,7 @@ const WRITERS: usize = 4;
 async fn write_batches(store: Store, mut rx: mpsc::Receiver<PendingOrder>, max_batch: usize, linger: Duration) {
     let writers = std::sync::Arc::new(tokio::sync::Semaphore::new(WRITERS));
     let mut linger = Linger::with_busy_gap(linger, linger);
+    let alarm = Alarm::new();
     let mut running = tokio::task::JoinSet::new();
     loop {
         let Ok(permit) = writers.clone().acquire_owned().await else {
@@ -77,9 +79,13 @@ async fn write_batches(store: Store, mut rx: mpsc::Receiver<PendingOrder>, max_b
         let until = tokio::time::Instant::now() + wait;
         while !wait.is_zero() && batch.len() < max_batch {
             let more = max_batch - batch.len();
-            match tokio::time::timeout_at(until, rx.recv_many(&mut batch, more)).await {
-                Ok(n) if n > 0 => {}
-                _ => break, // the linger is over, or the intake closed
+            let n = tokio::select! {
+                biased;
+                n = rx.recv_many(&mut batch, more) => n,
+                () = alarm.sleep_until(until) => 0,
+            };
+            if n == 0 {
+                break; // the linger is over, or the intake closed
             }
         }
         let store = store.clone();

@@ -72,6 +72,7 @@ impl ReplyConsumer {
             )
             .await?;
         let mut linger = Linger::new(self.linger);
+        let alarm = skald_wire::alarm::Alarm::new();
         let acks = amqp::AckQueue::spawn(REPLIES_QUEUE);
         loop {
             let first = tokio::select! {
@@ -88,7 +89,7 @@ impl ReplyConsumer {
                 Some(d) => vec![d?],
                 None => return Ok(()),
             };
-            let lost = amqp::gather(&mut consumer, &mut batch, self.batch_max, linger.begin()).await;
+            let lost = amqp::gather(&mut consumer, &mut batch, self.batch_max, linger.begin(), &alarm).await;
             self.process(&batch, &dead_letters, &acks, shutdown).await?;
             linger.end();
             if let Some(e) = lost {

@@ -7,6 +7,7 @@ use anyhow::Context;
 use backon::{ExponentialBuilder, Retryable};
 use skald_wire::amqp::{QueueType, Topology};
 use skald_wire::faults::Faults;
+use skald_wire::linger;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -71,8 +72,8 @@ pub struct Config {
     /// How long a batch waits for more commands once it has one (and the
     /// reply relay, for more replies): a little latency per hop for far fewer
     /// transactions under moderate load. 0 never waits.
-    #[arg(long, env = "BATCH_LINGER_MS", default_value_t = 1)]
-    pub batch_linger_ms: u64,
+    #[arg(long = "batch-linger-ms", env = "BATCH_LINGER_MS", default_value = "1", value_parser = linger::parse_millis)]
+    pub batch_linger: Duration,
     /// Unacknowledged commands the broker may push to this process.
     #[arg(long, env = "PREFETCH", default_value_t = 256)]
     pub prefetch: u16,
@@ -148,7 +149,7 @@ impl Config {
                 delivery_limit: self.delivery_limit,
             },
             batch_max: self.batch_max.max(1),
-            linger: Duration::from_millis(self.batch_linger_ms),
+            linger: self.batch_linger,
             prefetch: self.prefetch,
             relay_batch: 256,
             relay_poll: Duration::from_millis(200),

@@ -344,6 +344,7 @@ impl<H: Handler> Runtime<H> {
             )
             .await?;
         let mut linger = Linger::new(self.config.linger);
+        let alarm = skald_wire::alarm::Alarm::new();
         let acks = amqp::AckQueue::spawn(&queue);
         let result = loop {
             let next = tokio::select! {
@@ -359,7 +360,14 @@ impl<H: Handler> Runtime<H> {
                 None => break Ok(()),
             };
             // Whatever else the broker delivers within the linger joins the batch.
-            let lost = amqp::gather(&mut consumer, &mut batch, self.config.batch_max.max(1), linger.begin()).await;
+            let lost = amqp::gather(
+                &mut consumer,
+                &mut batch,
+                self.config.batch_max.max(1),
+                linger.begin(),
+                &alarm,
+            )
+            .await;
             self.on_batch(batch, &dead_letters, &queue, &acks).await;
             linger.end();
             if let Some(e) = lost {

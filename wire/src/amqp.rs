@@ -199,16 +199,18 @@ pub async fn connect_with_backoff(
     }
 }
 
-/// Opens a consuming channel with an explicit prefetch.
 /// Adds to `batch` what the broker has already delivered and, for up to
 /// `linger` after the call, what it delivers next, until `batch` holds `max`
-/// deliveries. A linger of zero never waits. Returns the consumer's error,
-/// if one came, after the deliveries before it.
+/// deliveries. A linger of zero never waits; `alarm` times it (to the
+/// microsecond, where tokio's timer would round it up to its next 1 ms
+/// tick). Returns the consumer's error, if one came, after the deliveries
+/// before it.
 pub async fn gather(
     consumer: &mut lapin::Consumer,
     batch: &mut Vec<lapin::message::Delivery>,
     max: usize,
     linger: Duration,
+    alarm: &crate::alarm::Alarm,
 ) -> Option<lapin::Error> {
     use futures::{FutureExt, StreamExt};
     let until = tokio::time::Instant::now() + linger;
@@ -216,9 +218,10 @@ pub async fn gather(
         let next = match consumer.next().now_or_never() {
             Some(next) => next,
             None if linger.is_zero() => return None,
-            None => match tokio::time::timeout_at(until, consumer.next()).await {
-                Ok(next) => next,
-                Err(_) => return None,
+            None => tokio::select! {
+                biased;
+                next = consumer.next() => next,
+                () = alarm.sleep_until(until) => return None,
             },
         };
         match next {
@@ -276,6 +279,7 @@ impl AckQueue {
     }
 }
 
+/// Opens a consuming channel with an explicit prefetch.
 pub async fn consumer_channel(conn: &Connection, prefetch: u16) -> Result<Channel> {
     let channel = conn.create_channel().await?;
     channel.basic_qos(prefetch, BasicQosOptions::default()).await?;

@@ -20,6 +20,7 @@
 //! [`outbox::Relay`] claims them, publishes through [`amqp::Publisher`] and
 //! deletes them only once the broker confirmed every one.
 
+pub mod alarm;
 pub mod amqp;
 pub mod contract;
 pub mod db;

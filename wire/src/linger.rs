@@ -14,6 +14,19 @@ use tokio::time::Instant;
 /// lingers. Measured: 2 lingered too rarely to help at 313 orders/s.
 pub const BUSY_GAP: u32 = 5;
 
+/// Parses a linger setting: milliseconds, a decimal fraction allowed
+/// (`1`, `0.3`), between 0 and 1,000. For clap's `value_parser`.
+pub fn parse_millis(s: &str) -> Result<Duration, String> {
+    let ms: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of milliseconds (e.g. 1 or 0.3)"))?;
+    if !(0.0..=1_000.0).contains(&ms) {
+        return Err(format!("{s} ms is out of range: 0 to 1000"));
+    }
+    Ok(Duration::from_secs_f64(ms / 1_000.0))
+}
+
 #[derive(Debug, Clone)]
 pub struct Linger {
     wait: Duration,
@@ -63,6 +76,17 @@ mod tests {
         linger.end();
         tokio::time::advance(pause).await;
         linger.begin()
+    }
+
+    #[test]
+    fn settings_take_fractions_of_a_millisecond() {
+        assert_eq!(parse_millis("1"), Ok(Duration::from_millis(1)));
+        assert_eq!(parse_millis("0.3"), Ok(Duration::from_micros(300)));
+        assert_eq!(parse_millis("0"), Ok(Duration::ZERO));
+        assert!(parse_millis("-1").is_err());
+        assert!(parse_millis("NaN").is_err());
+        assert!(parse_millis("5000").is_err());
+        assert!(parse_millis("1ms").unwrap_err().contains("not a number"));
     }
 
     #[tokio::test(start_paused = true)]

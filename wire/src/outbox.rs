@@ -326,6 +326,7 @@ impl Relay {
         let max_unconfirmed = batch_size * 4;
         let mut link: Option<(Connection, Publisher)> = None;
         let mut linger = Linger::new(self.linger);
+        let alarm = crate::alarm::Alarm::new();
         let mut p = Pipeline {
             confirming: FuturesUnordered::new(),
             unconfirmed: BTreeSet::new(),
@@ -368,7 +369,7 @@ impl Relay {
             if room > 0 && now >= p.paused_until {
                 let wait = linger.begin();
                 if !wait.is_zero() && p.confirming.is_empty() && (1..batch_size).contains(&self.handoff.len()) {
-                    tokio::time::sleep(wait).await;
+                    alarm.sleep(wait).await;
                 }
                 let rows = self.handoff.take(batch_size.min(room));
                 if !rows.is_empty() {

@@ -76,13 +76,15 @@ async fn write_batches(store: Store, mut rx: mpsc::Receiver<PendingOrder>, max_b
             break;
         }
         let wait = linger.begin();
-        let until = tokio::time::Instant::now() + wait;
+        // One wait for the whole linger, armed once (at its first poll).
+        let over = alarm.sleep_until(tokio::time::Instant::now() + wait);
+        tokio::pin!(over);
         while !wait.is_zero() && batch.len() < max_batch {
             let more = max_batch - batch.len();
             let n = tokio::select! {
                 biased;
                 n = rx.recv_many(&mut batch, more) => n,
-                () = alarm.sleep_until(until) => 0,
+                () = &mut over => 0,
             };
             if n == 0 {
                 break; // the linger is over, or the intake closed

@@ -213,7 +213,10 @@ pub async fn gather(
     alarm: &crate::alarm::Alarm,
 ) -> Option<lapin::Error> {
     use futures::{FutureExt, StreamExt};
-    let until = tokio::time::Instant::now() + linger;
+    // One wait for the whole linger: armed at its first poll, not again
+    // for every delivery that comes meanwhile.
+    let over = alarm.sleep_until(tokio::time::Instant::now() + linger);
+    tokio::pin!(over);
     while batch.len() < max {
         let next = match consumer.next().now_or_never() {
             Some(next) => next,
@@ -221,7 +224,7 @@ pub async fn gather(
             None => tokio::select! {
                 biased;
                 next = consumer.next() => next,
-                () = alarm.sleep_until(until) => return None,
+                () = &mut over => return None,
             },
         };
         match next {

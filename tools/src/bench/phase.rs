@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::legs::Leg;
-use super::procfs::{self, MachineCpu, Memory};
+use super::procfs::{self, MachineCpu, Memory, Sched};
 use crate::Api;
 use crate::workload::{PlannedOrder, percentile, retry_until};
 
@@ -61,6 +61,10 @@ struct Snapshot {
     backends: HashMap<u32, Duration>,
     broker: Option<Duration>,
     machine: MachineCpu,
+    /// The scheduler's figures of each child, of each backend, of the broker.
+    scheds: Vec<Option<Sched>>,
+    backend_scheds: HashMap<u32, Sched>,
+    broker_sched: Option<Sched>,
 }
 
 impl Env {
@@ -105,12 +109,14 @@ impl Env {
             .await
             .context("reading pg_stat_activity")?;
         // A backend may exit meanwhile: it is left out.
+        let pids: Vec<u32> = pids.into_iter().filter_map(|pid| u32::try_from(pid).ok()).collect();
         let backends = pids
-            .into_iter()
-            .filter_map(|pid| {
-                let pid = u32::try_from(pid).ok()?;
-                Some((pid, procfs::cpu_time(pid).ok()?))
-            })
+            .iter()
+            .filter_map(|&pid| Some((pid, procfs::cpu_time(pid).ok()?)))
+            .collect();
+        let backend_scheds = pids
+            .iter()
+            .filter_map(|&pid| Some((pid, procfs::sched(pid)?)))
             .collect();
         Ok(Snapshot {
             at: Instant::now(),
@@ -119,6 +125,9 @@ impl Env {
             backends,
             broker: self.broker_pid.and_then(|pid| procfs::cpu_time(pid).ok()),
             machine: MachineCpu::read()?,
+            scheds: self.children.iter().map(|&(_, pid)| procfs::sched(pid)).collect(),
+            backend_scheds,
+            broker_sched: self.broker_pid.and_then(procfs::sched),
         })
     }
 
@@ -207,7 +216,7 @@ impl Measure {
         let skald_xacts = xacts_by_db.values().sum::<i64>() - bench_xacts;
         let finished = figures.finished.max(1) as f64;
         let elapsed = end.at.duration_since(self.start.at).as_secs_f64().max(1e-9);
-        let process = |name: &str, pid: u32, cpu: Duration, m: Option<&Memory>| {
+        let process = |name: &str, pid: u32, cpu: Duration, sched: Option<Sched>, m: Option<&Memory>| {
             let cpu = cpu.as_secs_f64();
             ProcessReport {
                 name: name.to_owned(),
@@ -215,16 +224,22 @@ impl Measure {
                 cpu_secs: round3(cpu),
                 cpu_ms_per_saga: round3(cpu * 1000.0 / finished),
                 cores_busy: round3(cpu / elapsed),
+                runq_wait_ms_per_saga: sched.map(|s| round3(s.waited.as_secs_f64() * 1000.0 / finished)),
+                switches_per_saga: sched.map(|s| round1(s.slices as f64 / finished)),
                 peak_rss_mib: m.map(|m| mib(m.hwm_kib)),
                 rss_mib: m.map(|m| mib(m.rss_kib)),
             }
         };
+        let since = |a: &Option<Sched>, b: &Option<Sched>| Some(b.as_ref()?.since(a.as_ref()?));
         let mut processes: Vec<ProcessReport> = env
             .children
             .iter()
             .zip(self.start.cpu.iter().zip(&end.cpu))
+            .zip(self.start.scheds.iter().zip(&end.scheds))
             .zip(&memories)
-            .map(|((&(name, pid), (a, b)), m)| process(name, pid, b.saturating_sub(*a), Some(m)))
+            .map(|(((&(name, pid), (a, b)), (sa, sb)), m)| {
+                process(name, pid, b.saturating_sub(*a), since(sa, sb), Some(m))
+            })
             .collect();
         // Backends born in the phase count whole; one that exited in it is missed.
         let backends: Duration = end
@@ -232,9 +247,15 @@ impl Measure {
             .iter()
             .map(|(pid, t)| t.saturating_sub(self.start.backends.get(pid).copied().unwrap_or_default()))
             .sum();
-        processes.push(process(POSTGRES_BACKENDS, 0, backends, None));
+        let backend_scheds = end
+            .backend_scheds
+            .iter()
+            .map(|(pid, s)| s.since(&self.start.backend_scheds.get(pid).copied().unwrap_or_default()))
+            .fold(None, |total: Option<Sched>, s| Some(total.unwrap_or_default() + s));
+        processes.push(process(POSTGRES_BACKENDS, 0, backends, backend_scheds, None));
         if let (Some(pid), Some(a), Some(b)) = (env.broker_pid, self.start.broker, end.broker) {
-            processes.push(process(RABBITMQ_BROKER, pid, b.saturating_sub(a), None));
+            let sched = since(&self.start.broker_sched, &end.broker_sched);
+            processes.push(process(RABBITMQ_BROKER, pid, b.saturating_sub(a), sched, None));
         }
         let messages = figures.commands + figures.replies;
         let window = figures.window_secs.max(1e-9);
@@ -263,6 +284,12 @@ impl Measure {
             pg_xacts_by_db: xacts_by_db,
             bench_xacts_excluded: load.bench_queries,
             machine_cpu_busy: round3(self.start.machine.busy_share(&end.machine)),
+            machine_cpu_pressure: self
+                .start
+                .machine
+                .pressure_share(&end.machine, end.at.duration_since(self.start.at))
+                .map(round3),
+            machine_switches_per_saga: round1(self.start.machine.switches(&end.machine) as f64 / finished),
             measured_secs: round3(elapsed),
             processes,
             legs,
@@ -368,6 +395,13 @@ pub struct ProcessReport {
     pub cpu_ms_per_saga: f64,
     /// CPU seconds per second of the phase (1.0 = one core busy).
     pub cores_busy: f64,
+    /// Time its threads were runnable but waited for a CPU, summed over
+    /// them, per saga (`/proc/PID/task/*/schedstat`; threads that exited in
+    /// the phase are missed).
+    pub runq_wait_ms_per_saga: Option<f64>,
+    /// Time slices its threads ran, per saga: each is a wake-up or a
+    /// preemption and a switch onto a CPU.
+    pub switches_per_saga: Option<f64>,
     /// Peak RSS in the phase (VmHWM, reset at the phase start).
     pub peak_rss_mib: Option<f64>,
     /// RSS at the end of the phase.
@@ -435,6 +469,11 @@ pub struct PhaseReport {
     pub bench_xacts_excluded: u64,
     /// Share of the whole machine's CPU that was busy (every process, not only ours).
     pub machine_cpu_busy: f64,
+    /// Share of the phase in which at least one runnable task waited for a
+    /// CPU (`/proc/pressure/cpu`, "some"); none without PSI.
+    pub machine_cpu_pressure: Option<f64>,
+    /// Context switches of the whole machine per saga (`ctxt` of `/proc/stat`).
+    pub machine_switches_per_saga: f64,
     /// Between the readings of `pg_xacts`, CPU and machine CPU.
     pub measured_secs: f64,
     pub processes: Vec<ProcessReport>,

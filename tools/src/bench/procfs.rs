@@ -34,6 +34,68 @@ pub fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
     Ok(Duration::from_secs_f64(ticks as f64 / clock_ticks() as f64))
 }
 
+/// What a process's threads did with the scheduler so far: their run-queue
+/// waits and their time slices, summed over the threads alive now (from
+/// `/proc/PID/task/*/schedstat`: time on a CPU, time runnable but waiting
+/// for one, slices run).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Sched {
+    /// Time runnable but waiting for a CPU.
+    pub waited: Duration,
+    /// Time slices run (each one a switch onto a CPU).
+    pub slices: u64,
+}
+
+impl Sched {
+    /// What happened between `earlier` and `self`.
+    pub fn since(&self, earlier: &Sched) -> Sched {
+        Sched {
+            waited: self.waited.saturating_sub(earlier.waited),
+            slices: self.slices.saturating_sub(earlier.slices),
+        }
+    }
+}
+
+impl std::ops::Add for Sched {
+    type Output = Sched;
+    fn add(self, other: Sched) -> Sched {
+        Sched {
+            waited: self.waited + other.waited,
+            slices: self.slices + other.slices,
+        }
+    }
+}
+
+/// The scheduler's figures of `pid`'s threads (see [`Sched`]); `None` where
+/// the kernel keeps none.
+pub fn sched(pid: u32) -> Option<Sched> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut total = Sched::default();
+    let mut any = false;
+    for task in tasks.flatten() {
+        // A thread may exit meanwhile: it is left out.
+        let Ok(line) = std::fs::read_to_string(task.path().join("schedstat")) else {
+            continue;
+        };
+        if let Some(one) = parse_schedstat(&line) {
+            total = total + one;
+            any = true;
+        }
+    }
+    any.then_some(total)
+}
+
+/// `<ns on a CPU> <ns waiting on a run queue> <slices>`.
+fn parse_schedstat(line: &str) -> Option<Sched> {
+    let mut fields = line.split_whitespace().skip(1).map(str::parse::<u64>);
+    let waited = fields.next()?.ok()?;
+    let slices = fields.next()?.ok()?;
+    Some(Sched {
+        waited: Duration::from_nanos(waited),
+        slices,
+    })
+}
+
 /// Sends `sig` to process `pid`.
 pub fn signal(pid: u32, sig: libc::c_int) -> anyhow::Result<()> {
     let target = libc::pid_t::try_from(pid).context("pid out of range")?;
@@ -98,26 +160,64 @@ pub fn reset_peak(pid: u32) -> anyhow::Result<()> {
     std::fs::write(format!("/proc/{pid}/clear_refs"), "5").with_context(|| format!("/proc/{pid}/clear_refs"))
 }
 
-/// Busy and total jiffies of the whole machine (first line of `/proc/stat`).
+/// Busy and total jiffies of the whole machine (first line of `/proc/stat`),
+/// its context switches (`ctxt`), and the time some task waited for a CPU
+/// (`/proc/pressure/cpu`, "some" total in µs; `None` without PSI).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct MachineCpu {
     busy: u64,
     total: u64,
+    switches: u64,
+    pressure_us: Option<u64>,
 }
 
 impl MachineCpu {
     pub fn read() -> anyhow::Result<Self> {
         let stat = std::fs::read_to_string("/proc/stat").context("/proc/stat")?;
+        let pressure = std::fs::read_to_string("/proc/pressure/cpu").ok();
+        Self::parse(&stat, pressure.as_deref())
+    }
+
+    fn parse(stat: &str, pressure: Option<&str>) -> anyhow::Result<Self> {
         let line = stat.lines().next().context("/proc/stat is empty")?;
         let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
         anyhow::ensure!(v.len() >= 5, "/proc/stat: unexpected cpu line {line:?}");
         // user nice system idle iowait irq softirq steal (guest times are already in user).
         let total: u64 = v.iter().take(8).sum();
         let idle = v[3] + v[4];
+        let switches = stat
+            .lines()
+            .find_map(|l| l.strip_prefix("ctxt "))
+            .and_then(|n| n.trim().parse().ok())
+            .context("/proc/stat: no ctxt line")?;
+        let pressure_us = pressure.and_then(|p| {
+            p.lines()
+                .find_map(|l| l.strip_prefix("some "))?
+                .split_whitespace()
+                .find_map(|f| f.strip_prefix("total="))?
+                .parse()
+                .ok()
+        });
         Ok(Self {
             busy: total - idle,
             total,
+            switches,
+            pressure_us,
         })
+    }
+
+    /// Context switches on the whole machine between `self` and `later`.
+    pub fn switches(&self, later: &MachineCpu) -> u64 {
+        later.switches.saturating_sub(self.switches)
+    }
+
+    /// Share of the time between `self` and `later` (`elapsed`) in which
+    /// at least one runnable task waited for a CPU (0..1), where the
+    /// kernel reports it.
+    pub fn pressure_share(&self, later: &MachineCpu, elapsed: Duration) -> Option<f64> {
+        let waited = later.pressure_us?.checked_sub(self.pressure_us?)?;
+        let elapsed = elapsed.as_micros();
+        (elapsed > 0).then(|| (waited as f64 / elapsed as f64).min(1.0))
     }
 
     /// Share of the machine's CPU that was busy between `self` and `later` (0..1).
@@ -199,5 +299,58 @@ mod tests {
         let a = MachineCpu::read().unwrap_or_default();
         let b = MachineCpu::read().unwrap_or_default();
         assert!((0.0..=1.0).contains(&a.busy_share(&b)));
+        assert!(a.switches(&b) < 1_000_000);
+        // This process has run, so its threads have had slices.
+        assert!(sched(me).is_some_and(|s| s.slices > 0));
+    }
+
+    #[test]
+    fn parses_the_machine_figures() {
+        let stat = "cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 50 0 25 400 25 0 0 0 0 0\nintr 1 2\nctxt 123456\nbtime 1\n";
+        let pressure =
+            "some avg10=18.53 avg60=48.43 avg300=30.43 total=2000000\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n";
+        let a = MachineCpu::parse(stat, Some(pressure)).unwrap_or_default();
+        assert_eq!(
+            (a.busy, a.total, a.switches, a.pressure_us),
+            (150, 1000, 123_456, Some(2_000_000))
+        );
+        let later = MachineCpu {
+            switches: 133_456,
+            pressure_us: Some(2_500_000),
+            ..a
+        };
+        assert_eq!(a.switches(&later), 10_000);
+        assert_eq!(a.pressure_share(&later, Duration::from_secs(2)), Some(0.25));
+        // No PSI on this kernel: no figure, not a zero.
+        let without = MachineCpu::parse(stat, None).unwrap_or_default();
+        assert_eq!(without.pressure_share(&later, Duration::from_secs(2)), None);
+        assert!(MachineCpu::parse("cpu  1 2 3 4 5\n", None).is_err());
+    }
+
+    #[test]
+    fn parses_a_thread_schedstat() {
+        assert_eq!(
+            parse_schedstat("4785300193 1209765432 15000\n"),
+            Some(Sched {
+                waited: Duration::from_nanos(1_209_765_432),
+                slices: 15_000
+            })
+        );
+        assert_eq!(parse_schedstat("12 x 3"), None);
+        let a = Sched {
+            waited: Duration::from_millis(5),
+            slices: 10,
+        };
+        let b = Sched {
+            waited: Duration::from_millis(8),
+            slices: 25,
+        };
+        assert_eq!(
+            b.since(&a),
+            Sched {
+                waited: Duration::from_millis(3),
+                slices: 15
+            }
+        );
     }
 }

@@ -668,11 +668,19 @@ fn print_phase(r: &PhaseReport) {
         "machine CPU busy (all processes)",
         r.machine_cpu_busy * 100.0
     );
+    let pressure = r
+        .machine_cpu_pressure
+        .map_or("-".to_owned(), |p| format!("{:.0} %", p * 100.0));
     eprintln!(
-        "  {:<20}{:>9}{:>13}{:>8}{:>14}{:>10}",
-        "process", "CPU s", "CPU ms/saga", "cores", "peak RSS MiB", "RSS MiB"
+        "  {:<w$}{} of the time (context switches: {:.0} per saga)",
+        "some task waiting for a CPU", pressure, r.machine_switches_per_saga
+    );
+    eprintln!(
+        "  {:<20}{:>9}{:>13}{:>8}{:>14}{:>10}{:>19}{:>15}",
+        "process", "CPU s", "CPU ms/saga", "cores", "peak RSS MiB", "RSS MiB", "run-queue ms/saga", "switches/saga"
     );
     let mib = |m: Option<f64>| m.map_or("-".to_owned(), |m| format!("{m:.1}"));
+    let opt = |v: Option<f64>, digits: usize| v.map_or("-".to_owned(), |v| format!("{v:.digits$}"));
     for p in &r.processes {
         let name = if p.name == phase::POSTGRES_BACKENDS {
             "postgres backends"
@@ -680,13 +688,15 @@ fn print_phase(r: &PhaseReport) {
             &p.name
         };
         eprintln!(
-            "  {:<20}{:>9.2}{:>13.2}{:>8.2}{:>14}{:>10}",
+            "  {:<20}{:>9.2}{:>13.2}{:>8.2}{:>14}{:>10}{:>19}{:>15}",
             name,
             p.cpu_secs,
             p.cpu_ms_per_saga,
             p.cores_busy,
             mib(p.peak_rss_mib),
-            mib(p.rss_mib)
+            mib(p.rss_mib),
+            opt(p.runq_wait_ms_per_saga, 2),
+            opt(p.switches_per_saga, 1)
         );
     }
     if !r.legs.is_empty() {

@@ -65,6 +65,49 @@ struct Snapshot {
     scheds: Vec<Option<Sched>>,
     backend_scheds: HashMap<u32, Sched>,
     broker_sched: Option<Sched>,
+    /// The server's WAL and checkpoints so far, if it tells.
+    wal: Option<Wal>,
+}
+
+/// Server-wide counters of `pg_stat_wal`, `pg_stat_bgwriter` and
+/// `pg_control_checkpoint()` (PostgreSQL 14 and later).
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+struct Wal {
+    bytes: i64,
+    full_page_images: i64,
+    syncs: i64,
+    /// Checkpoints begun (timed and requested).
+    checkpoints: i64,
+    /// Where the last completed checkpoint's redo begins.
+    last_checkpoint: String,
+}
+
+/// What the server's WAL did in a phase: its whole traffic, ours and any
+/// other database's.
+#[derive(Debug, Clone, Serialize)]
+pub struct WalReport {
+    pub kib_per_saga: f64,
+    /// Full-page images: the first change to a page after a checkpoint
+    /// logs the whole 8 KiB page.
+    pub full_page_images_per_saga: f64,
+    /// WAL flushes to disk (commits share them).
+    pub syncs_per_saga: f64,
+    /// Checkpoints begun in the phase.
+    pub checkpoints_begun: i64,
+    /// Whether a checkpoint ended in the phase (begun in it or before).
+    pub checkpoint_ended: bool,
+}
+
+impl Wal {
+    fn report(&self, later: &Wal, finished: f64) -> WalReport {
+        WalReport {
+            kib_per_saga: round3((later.bytes - self.bytes) as f64 / 1024.0 / finished),
+            full_page_images_per_saga: round3((later.full_page_images - self.full_page_images) as f64 / finished),
+            syncs_per_saga: round3((later.syncs - self.syncs) as f64 / finished),
+            checkpoints_begun: later.checkpoints - self.checkpoints,
+            checkpoint_ended: later.last_checkpoint != self.last_checkpoint,
+        }
+    }
 }
 
 impl Env {
@@ -128,6 +171,16 @@ impl Env {
             scheds: self.children.iter().map(|&(_, pid)| procfs::sched(pid)).collect(),
             backend_scheds,
             broker_sched: self.broker_pid.and_then(procfs::sched),
+            // A diagnostic: a server that does not tell leaves it out.
+            wal: sqlx::query_as(
+                "SELECT w.wal_bytes::bigint AS bytes, w.wal_fpi AS full_page_images, w.wal_sync AS syncs,
+                        b.checkpoints_timed + b.checkpoints_req AS checkpoints,
+                        c.redo_lsn::text AS last_checkpoint
+                 FROM pg_stat_wal w, pg_stat_bgwriter b, pg_control_checkpoint() c",
+            )
+            .fetch_one(&self.admin)
+            .await
+            .ok(),
         })
     }
 
@@ -290,6 +343,10 @@ impl Measure {
                 .pressure_share(&end.machine, end.at.duration_since(self.start.at))
                 .map(round3),
             machine_switches_per_saga: round1(self.start.machine.switches(&end.machine) as f64 / finished),
+            wal: match (&self.start.wal, &end.wal) {
+                (Some(a), Some(b)) => Some(a.report(b, finished)),
+                _ => None,
+            },
             measured_secs: round3(elapsed),
             processes,
             legs,
@@ -474,6 +531,9 @@ pub struct PhaseReport {
     pub machine_cpu_pressure: Option<f64>,
     /// Context switches of the whole machine per saga (`ctxt` of `/proc/stat`).
     pub machine_switches_per_saga: f64,
+    /// The server's WAL in the phase; none if it does not tell.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wal: Option<WalReport>,
     /// Between the readings of `pg_xacts`, CPU and machine CPU.
     pub measured_secs: f64,
     pub processes: Vec<ProcessReport>,
@@ -918,6 +978,32 @@ pub async fn in_flight(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wal_figures_are_per_saga_and_see_a_checkpoint_end() {
+        let before = Wal {
+            bytes: 10 * 1024 * 1024,
+            full_page_images: 100,
+            syncs: 5_000,
+            checkpoints: 7,
+            last_checkpoint: "0/1000000".to_owned(),
+        };
+        let after = Wal {
+            bytes: 30 * 1024 * 1024,
+            full_page_images: 150,
+            syncs: 6_000,
+            checkpoints: 8,
+            last_checkpoint: "0/2000000".to_owned(),
+        };
+        let r = before.report(&after, 1_000.0);
+        assert_eq!(r.kib_per_saga, 20.48);
+        assert_eq!(r.full_page_images_per_saga, 0.05);
+        assert_eq!(r.syncs_per_saga, 1.0);
+        assert_eq!(r.checkpoints_begun, 1);
+        assert!(r.checkpoint_ended);
+        let quiet = before.report(&before.clone(), 1_000.0);
+        assert_eq!((quiet.checkpoints_begun, quiet.checkpoint_ended), (0, false));
+    }
 
     #[test]
     fn fixed_rate_summary_keeps_each_run_and_takes_medians() {

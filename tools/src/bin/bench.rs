@@ -663,6 +663,20 @@ fn print_phase(r: &PhaseReport) {
         r.measured_secs,
         pairs(&r.pg_xacts_by_db)
     );
+    if let Some(wal) = &r.wal {
+        let checkpoint = match (wal.checkpoints_begun, wal.checkpoint_ended) {
+            (0, false) => "no checkpoint".to_owned(),
+            (0, true) => "a checkpoint ended in it".to_owned(),
+            (n, ended) => format!(
+                "{n} checkpoint(s) begun in it{}",
+                if ended { ", one ended" } else { "" }
+            ),
+        };
+        eprintln!(
+            "  {:<w$}{:.1} KiB, {:.2} full-page images, {:.2} flushes per saga; {checkpoint}",
+            "WAL (whole server)", wal.kib_per_saga, wal.full_page_images_per_saga, wal.syncs_per_saga
+        );
+    }
     eprintln!(
         "  {:<w$}{:.0} %",
         "machine CPU busy (all processes)",

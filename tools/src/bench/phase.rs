@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::legs::Leg;
-use super::procfs::{self, MachineCpu, Memory, Sched};
+use super::procfs::{self, MachineCpu, Memory, Usage};
 use crate::Api;
 use crate::workload::{PlannedOrder, percentile, retry_until};
 
@@ -56,15 +56,11 @@ pub struct Env {
 struct Snapshot {
     at: Instant,
     xacts: BTreeMap<String, i64>,
-    cpu: Vec<Duration>,
+    cpu: Vec<Usage>,
     /// CPU time of each PostgreSQL backend connected to our databases.
-    backends: HashMap<u32, Duration>,
-    broker: Option<Duration>,
+    backends: HashMap<u32, Usage>,
+    broker: Option<Usage>,
     machine: MachineCpu,
-    /// The scheduler's figures of each child, of each backend, of the broker.
-    scheds: Vec<Option<Sched>>,
-    backend_scheds: HashMap<u32, Sched>,
-    broker_sched: Option<Sched>,
     /// The server's WAL and checkpoints so far, if it tells.
     wal: Option<Wal>,
 }
@@ -144,7 +140,7 @@ impl Env {
         let cpu = self
             .children
             .iter()
-            .map(|&(name, pid)| procfs::cpu_time(pid).with_context(|| format!("{name} CPU time")))
+            .map(|&(name, pid)| procfs::usage(pid).with_context(|| format!("{name} CPU time")))
             .collect::<anyhow::Result<Vec<_>>>()?;
         let pids: Vec<i32> = sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE datname = ANY($1)")
             .bind(&self.db_names)
@@ -152,25 +148,20 @@ impl Env {
             .await
             .context("reading pg_stat_activity")?;
         // A backend may exit meanwhile: it is left out.
-        let pids: Vec<u32> = pids.into_iter().filter_map(|pid| u32::try_from(pid).ok()).collect();
         let backends = pids
-            .iter()
-            .filter_map(|&pid| Some((pid, procfs::cpu_time(pid).ok()?)))
-            .collect();
-        let backend_scheds = pids
-            .iter()
-            .filter_map(|&pid| Some((pid, procfs::sched(pid)?)))
+            .into_iter()
+            .filter_map(|pid| {
+                let pid = u32::try_from(pid).ok()?;
+                Some((pid, procfs::usage(pid).ok()?))
+            })
             .collect();
         Ok(Snapshot {
             at: Instant::now(),
             xacts: rows.into_iter().collect(),
             cpu,
             backends,
-            broker: self.broker_pid.and_then(|pid| procfs::cpu_time(pid).ok()),
+            broker: self.broker_pid.and_then(|pid| procfs::usage(pid).ok()),
             machine: MachineCpu::read()?,
-            scheds: self.children.iter().map(|&(_, pid)| procfs::sched(pid)).collect(),
-            backend_scheds,
-            broker_sched: self.broker_pid.and_then(procfs::sched),
             // A diagnostic: a server that does not tell leaves it out.
             wal: sqlx::query_as(
                 "SELECT w.wal_bytes::bigint AS bytes, w.wal_fpi AS full_page_images, w.wal_sync AS syncs,
@@ -269,8 +260,8 @@ impl Measure {
         let skald_xacts = xacts_by_db.values().sum::<i64>() - bench_xacts;
         let finished = figures.finished.max(1) as f64;
         let elapsed = end.at.duration_since(self.start.at).as_secs_f64().max(1e-9);
-        let process = |name: &str, pid: u32, cpu: Duration, sched: Option<Sched>, m: Option<&Memory>| {
-            let cpu = cpu.as_secs_f64();
+        let process = |name: &str, pid: u32, used: Usage, m: Option<&Memory>| {
+            let (cpu, sched) = (used.cpu.as_secs_f64(), used.sched);
             ProcessReport {
                 name: name.to_owned(),
                 pid,
@@ -283,32 +274,22 @@ impl Measure {
                 rss_mib: m.map(|m| mib(m.rss_kib)),
             }
         };
-        let since = |a: &Option<Sched>, b: &Option<Sched>| Some(b.as_ref()?.since(a.as_ref()?));
         let mut processes: Vec<ProcessReport> = env
             .children
             .iter()
             .zip(self.start.cpu.iter().zip(&end.cpu))
-            .zip(self.start.scheds.iter().zip(&end.scheds))
             .zip(&memories)
-            .map(|(((&(name, pid), (a, b)), (sa, sb)), m)| {
-                process(name, pid, b.saturating_sub(*a), since(sa, sb), Some(m))
-            })
+            .map(|((&(name, pid), (a, b)), m)| process(name, pid, b.since(a), Some(m)))
             .collect();
         // Backends born in the phase count whole; one that exited in it is missed.
-        let backends: Duration = end
+        let backends = end
             .backends
             .iter()
-            .map(|(pid, t)| t.saturating_sub(self.start.backends.get(pid).copied().unwrap_or_default()))
-            .sum();
-        let backend_scheds = end
-            .backend_scheds
-            .iter()
-            .map(|(pid, s)| s.since(&self.start.backend_scheds.get(pid).copied().unwrap_or_default()))
-            .fold(None, |total: Option<Sched>, s| Some(total.unwrap_or_default() + s));
-        processes.push(process(POSTGRES_BACKENDS, 0, backends, backend_scheds, None));
+            .map(|(pid, u)| u.since(&self.start.backends.get(pid).copied().unwrap_or_default()))
+            .fold(Usage::default(), |total, u| total + u);
+        processes.push(process(POSTGRES_BACKENDS, 0, backends, None));
         if let (Some(pid), Some(a), Some(b)) = (env.broker_pid, self.start.broker, end.broker) {
-            let sched = since(&self.start.broker_sched, &end.broker_sched);
-            processes.push(process(RABBITMQ_BROKER, pid, b.saturating_sub(a), sched, None));
+            processes.push(process(RABBITMQ_BROKER, pid, b.since(&a), None));
         }
         let messages = figures.commands + figures.replies;
         let window = figures.window_secs.max(1e-9);

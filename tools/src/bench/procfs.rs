@@ -66,6 +66,47 @@ impl std::ops::Add for Sched {
     }
 }
 
+/// A process's CPU time and, where the kernel keeps them, its threads'
+/// scheduler figures.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Usage {
+    pub cpu: Duration,
+    pub sched: Option<Sched>,
+}
+
+impl Usage {
+    /// What happened between `earlier` and `self`; an `earlier` without
+    /// scheduler figures counts as zero (a process born in between).
+    pub fn since(&self, earlier: &Usage) -> Usage {
+        Usage {
+            cpu: self.cpu.saturating_sub(earlier.cpu),
+            sched: self.sched.map(|s| earlier.sched.map_or(s, |e| s.since(&e))),
+        }
+    }
+}
+
+impl std::ops::Add for Usage {
+    type Output = Usage;
+    fn add(self, other: Usage) -> Usage {
+        let sched = match (self.sched, other.sched) {
+            (Some(a), Some(b)) => Some(a + b),
+            (one, None) | (None, one) => one,
+        };
+        Usage {
+            cpu: self.cpu + other.cpu,
+            sched,
+        }
+    }
+}
+
+/// The CPU time and scheduler figures of process `pid`.
+pub fn usage(pid: u32) -> anyhow::Result<Usage> {
+    Ok(Usage {
+        cpu: cpu_time(pid)?,
+        sched: sched(pid),
+    })
+}
+
 /// The scheduler's figures of `pid`'s threads (see [`Sched`]); `None` where
 /// the kernel keeps none.
 pub fn sched(pid: u32) -> Option<Sched> {
@@ -325,6 +366,34 @@ mod tests {
         let without = MachineCpu::parse(stat, None).unwrap_or_default();
         assert_eq!(without.pressure_share(&later, Duration::from_secs(2)), None);
         assert!(MachineCpu::parse("cpu  1 2 3 4 5\n", None).is_err());
+    }
+
+    #[test]
+    fn usage_of_a_process_born_in_between_counts_whole_and_sums_keep_what_is_known() {
+        let sched = |ms, slices| {
+            Some(Sched {
+                waited: Duration::from_millis(ms),
+                slices,
+            })
+        };
+        let later = Usage {
+            cpu: Duration::from_millis(30),
+            sched: sched(8, 25),
+        };
+        let born = later.since(&Usage::default());
+        assert_eq!((born.cpu, born.sched), (later.cpu, later.sched));
+        let earlier = Usage {
+            cpu: Duration::from_millis(10),
+            sched: sched(5, 10),
+        };
+        let d = later.since(&earlier);
+        assert_eq!((d.cpu, d.sched), (Duration::from_millis(20), sched(3, 15)));
+        let blind = Usage {
+            cpu: Duration::from_millis(1),
+            sched: None,
+        };
+        let total = Usage::default() + d + blind;
+        assert_eq!((total.cpu, total.sched), (Duration::from_millis(21), sched(3, 15)));
     }
 
     #[test]

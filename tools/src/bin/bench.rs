@@ -19,6 +19,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use skald_participants::verify;
 use skald_tools::bench::baseline::{self, Baseline};
+use skald_tools::bench::curve::{Curve, CurvePoint, SweepRate};
 use skald_tools::bench::deploy::{self, Deployment, MANAGED_ENV, Settings};
 use skald_tools::bench::phase::{self, Env, FixedRateSummary, Measure, Pacing, PhaseKind, PhaseReport};
 use skald_tools::bench::preload::{self, PreloadReport};
@@ -78,6 +79,17 @@ struct Args {
     /// track on a machine whose speed moves from run to run).
     #[arg(long, default_value_t = 1)]
     repeats: usize,
+    /// A latency curve: after the fixed-rate phase, one fixed-rate phase of
+    /// --duration at each of these rates, as orders/s (300) or as a share
+    /// of the saturating rate (25%), e.g. --sweep 12.5%,25%,37.5%. The
+    /// report gives each one's p50, p99, machine CPU per saga and context
+    /// switches per saga, and the highest rate whose p99 was under
+    /// --p99-limit-ms.
+    #[arg(long, value_delimiter = ',', value_name = "RATES")]
+    sweep: Vec<SweepRate>,
+    /// The p99 limit of the latency curve, in ms.
+    #[arg(long, default_value_t = 100.0)]
+    p99_limit_ms: f64,
     /// Share of orders that fail deterministically (0..1), spread evenly.
     #[arg(long, default_value_t = 0.0)]
     fail_share: f64,
@@ -157,6 +169,14 @@ impl Args {
         );
         anyhow::ensure!(self.duration >= 0.0, "--duration must not be negative");
         anyhow::ensure!(self.repeats > 0, "--repeats must be at least 1");
+        anyhow::ensure!(
+            self.sweep.is_empty() || self.duration > 0.0,
+            "--sweep needs a fixed-rate --duration above 0"
+        );
+        anyhow::ensure!(
+            self.p99_limit_ms.is_finite() && self.p99_limit_ms > 0.0,
+            "--p99-limit-ms must be positive"
+        );
         anyhow::ensure!(self.rate.is_none_or(|r| r > 0.0), "--rate must be positive");
         anyhow::ensure!(self.preload_chunk > 0, "--preload-chunk must be at least 1");
         anyhow::ensure!(
@@ -216,6 +236,9 @@ struct Report {
     baseline_ratio: Option<f64>,
     /// The fixed-rate phases' latencies, and their medians.
     fixed_rate: Option<FixedRateSummary>,
+    /// The `--sweep` phases, with the main fixed-rate phases' first run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    latency_curve: Option<Curve>,
     target_ratio: f64,
     in_flight_target_rss_mib: f64,
     invariants: Option<Value>,
@@ -459,6 +482,8 @@ async fn run(
     let rate = args
         .rate
         .or_else(|| report.saturating_sagas_per_sec.map(|r| (r / 2.0).max(0.1)));
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut curve: Vec<CurvePoint> = Vec::new();
     match rate {
         Some(rate) if args.duration > 0.0 => {
             let n = ((rate * args.duration).round() as usize).max(1);
@@ -474,6 +499,9 @@ async fn run(
                 let r = run_phase(&env, s, &name, n, pacing, mix, &mut rng, &mut next_index).await?;
                 print_phase(&r);
                 runs.push((r.latency_ms.p50, r.latency_ms.p99));
+                if i == 1 && !args.sweep.is_empty() {
+                    curve.push(CurvePoint::of(rate, &r, report.saturating_sagas_per_sec, cpus));
+                }
                 report.phases.push(r);
             }
             let summary = FixedRateSummary::of(rate, &runs);
@@ -497,6 +525,26 @@ async fn run(
             eprintln!("fixed-rate phase skipped: no --rate and no saturating phase to take half of");
         }
         _ => {}
+    }
+
+    for point in &args.sweep {
+        let Some(rate) = point.resolve(report.saturating_sagas_per_sec) else {
+            eprintln!("latency curve: {point} skipped, no saturating rate to take a share of");
+            continue;
+        };
+        let n = ((rate * args.duration).round() as usize).max(1);
+        let pacing = Pacing::Open { rate, max_posts: 256 };
+        let name = format!("sweep-{rate:.0}");
+        let r = run_phase(&env, s, &name, n, pacing, mix, &mut rng, &mut next_index).await?;
+        print_phase(&r);
+        curve.push(CurvePoint::of(rate, &r, report.saturating_sagas_per_sec, cpus));
+        report.phases.push(r);
+    }
+    if !curve.is_empty() {
+        let c = Curve::new(curve, args.p99_limit_ms);
+        eprintln!();
+        eprint!("{}", c.table());
+        report.latency_curve = Some(c);
     }
 
     if args.in_flight > 0 {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use skald_engine::RetryPolicy;
-use skald_wire::amqp::{QueueType, Topology};
+use skald_wire::amqp::{ClassicQueueVersion, QueueType, Topology};
 use skald_wire::faults::Faults;
 use skald_wire::linger;
 use tokio_util::sync::CancellationToken;
@@ -120,6 +120,10 @@ pub struct Config {
     /// `classic` or `quorum` (for a RabbitMQ cluster).
     #[arg(long, env = "AMQP_QUEUE_TYPE", default_value = "classic")]
     pub queue_type: QueueType,
+    /// Classic queues only: `2` (the default), `1`, or `broker` (no
+    /// `x-queue-version` argument). All processes must agree.
+    #[arg(long, env = "AMQP_CLASSIC_QUEUE_VERSION", default_value = "2")]
+    pub classic_queue_version: ClassicQueueVersion,
     /// Bearer token for operator actions; unset disables them.
     #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
@@ -202,6 +206,7 @@ impl Application {
         let topology = Topology {
             queue_type: config.queue_type,
             delivery_limit: config.delivery_limit,
+            classic_version: config.classic_queue_version,
         };
         let participants = registry.participants();
         let names: Vec<&str> = participants.iter().map(String::as_str).collect();
@@ -255,6 +260,7 @@ impl Application {
         let topology = Topology {
             queue_type: c.queue_type,
             delivery_limit: c.delivery_limit,
+            classic_version: c.classic_queue_version,
         };
         let tasks = TaskTracker::new();
         tasks.spawn(

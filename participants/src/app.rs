@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use backon::{ExponentialBuilder, Retryable};
-use skald_wire::amqp::{QueueType, Topology};
+use skald_wire::amqp::{ClassicQueueVersion, QueueType, Topology};
 use skald_wire::faults::Faults;
 use skald_wire::linger;
 use tokio_util::sync::CancellationToken;
@@ -88,6 +88,10 @@ pub struct Config {
     /// `classic` or `quorum` (for a RabbitMQ cluster).
     #[arg(long, env = "AMQP_QUEUE_TYPE", default_value = "classic")]
     pub queue_type: QueueType,
+    /// Classic queues only: `2` (the default), `1`, or `broker` (no
+    /// `x-queue-version` argument). All processes must agree.
+    #[arg(long, env = "AMQP_CLASSIC_QUEUE_VERSION", default_value = "2")]
+    pub classic_queue_version: ClassicQueueVersion,
     /// Failure injection, e.g. `participant.crash_after_commit=0.05,payment.delay_ms=200`. Off by default.
     #[arg(long, env = "SKALD_FAULTS", default_value = "")]
     pub faults: String,
@@ -147,6 +151,7 @@ impl Config {
             topology: Topology {
                 queue_type: self.queue_type,
                 delivery_limit: self.delivery_limit,
+                classic_version: self.classic_queue_version,
             },
             batch_max: self.batch_max.max(1),
             linger: self.batch_linger,

@@ -149,6 +149,7 @@ impl TestEnv {
             skald_wire::amqp::Topology {
                 queue_type: skald_wire::amqp::QueueType::Quorum,
                 delivery_limit: Some(5),
+                ..Default::default()
             }
         } else {
             skald_wire::amqp::Topology::default()

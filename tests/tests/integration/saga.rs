@@ -47,6 +47,19 @@ async fn happy_path_approves_charges_once_and_reserves_stock() {
         .expect("order row in its shard");
     assert_eq!(row.0, "APPROVED");
     assert!(row.1 > 0, "fencing token stored on the row");
+    // Classic queues use the storage of version 2 (AMQP_CLASSIC_QUEUE_VERSION).
+    let listing = queue_listing(&env);
+    for q in [
+        "skald.order.commands",
+        "skald.payment.commands",
+        "skald.inventory.commands",
+        "skald.coordinator.replies",
+        "skald.dead-letters",
+    ] {
+        let line = queue_line(&listing, q);
+        assert!(line.contains("classic"), "{line}");
+        assert!(line.contains(r#"{"x-queue-version",2}"#), "{line}");
+    }
     let report = env.verify().await;
     assert!(report.ok(), "{:?}", report.violations);
     env.stop().await;
@@ -187,24 +200,35 @@ async fn sagas_run_over_quorum_queues_with_a_delivery_limit() {
     assert_eq!(env.wait_for_order(ok, WITHIN).await["status"], "APPROVED");
     let (refunded, _) = env.place_order(&order("mia", &[("sku-1", 1, 100)])).await;
     assert_eq!(env.wait_for_order(refunded, WITHIN).await["status"], "CANCELLED");
-    let out = std::process::Command::new("rabbitmqctl")
-        .args(["-q", "list_queues", "-p", &env.names.id, "name", "type", "arguments"])
-        .output()
-        .unwrap();
-    let listing = String::from_utf8_lossy(&out.stdout);
+    let listing = queue_listing(&env);
     for q in [
         "skald.order.commands",
         "skald.payment.commands",
         "skald.coordinator.replies",
     ] {
-        let line = listing
-            .lines()
-            .find(|l| l.starts_with(q))
-            .unwrap_or_else(|| panic!("{q} in {listing}"));
+        let line = queue_line(&listing, q);
         assert!(line.contains("quorum"), "{line}");
         assert!(line.contains("x-delivery-limit"), "{line}");
+        assert!(!line.contains("x-queue-version"), "a classic-only argument: {line}");
     }
     let report = env.verify().await;
     assert!(report.ok(), "{:?}", report.violations);
     env.stop().await;
+}
+
+/// `rabbitmqctl list_queues` of the test's vhost: name, type, arguments.
+fn queue_listing(env: &TestEnv) -> String {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "list_queues", "-p", &env.names.id, "name", "type", "arguments"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn queue_line<'a>(listing: &'a str, queue: &str) -> &'a str {
+    listing
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(queue))
+        .unwrap_or_else(|| panic!("{queue} in {listing}"))
 }

@@ -120,9 +120,9 @@ pub struct Config {
     /// `classic` or `quorum` (for a RabbitMQ cluster).
     #[arg(long, env = "AMQP_QUEUE_TYPE", default_value = "classic")]
     pub queue_type: QueueType,
-    /// Classic queues only: `2` (the default), `1`, or `broker` (no
-    /// `x-queue-version` argument). All processes must agree.
-    #[arg(long, env = "AMQP_CLASSIC_QUEUE_VERSION", default_value = "2")]
+    /// Classic queues only: `broker` (no `x-queue-version` argument: the
+    /// broker's default or policy decides), `1` or `2`. All processes must agree.
+    #[arg(long, env = "AMQP_CLASSIC_QUEUE_VERSION", default_value = "broker")]
     pub classic_queue_version: ClassicQueueVersion,
     /// Bearer token for operator actions; unset disables them.
     #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]

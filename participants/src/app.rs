@@ -88,9 +88,9 @@ pub struct Config {
     /// `classic` or `quorum` (for a RabbitMQ cluster).
     #[arg(long, env = "AMQP_QUEUE_TYPE", default_value = "classic")]
     pub queue_type: QueueType,
-    /// Classic queues only: `2` (the default), `1`, or `broker` (no
-    /// `x-queue-version` argument). All processes must agree.
-    #[arg(long, env = "AMQP_CLASSIC_QUEUE_VERSION", default_value = "2")]
+    /// Classic queues only: `broker` (no `x-queue-version` argument: the
+    /// broker's default or policy decides), `1` or `2`. All processes must agree.
+    #[arg(long, env = "AMQP_CLASSIC_QUEUE_VERSION", default_value = "broker")]
     pub classic_queue_version: ClassicQueueVersion,
     /// Failure injection, e.g. `participant.crash_after_commit=0.05,payment.delay_ms=200`. Off by default.
     #[arg(long, env = "SKALD_FAULTS", default_value = "")]

@@ -37,6 +37,8 @@ pub struct Setup {
     pub order_databases: u32,
     /// Quorum queues with a delivery limit (as for a RabbitMQ cluster).
     pub quorum_queues: bool,
+    /// The storage version of classic queues (`AMQP_CLASSIC_QUEUE_VERSION`).
+    pub classic_queue_version: skald_wire::amqp::ClassicQueueVersion,
 }
 
 impl Default for Setup {
@@ -50,6 +52,7 @@ impl Default for Setup {
             order_shards: 4,
             order_databases: 1,
             quorum_queues: false,
+            classic_queue_version: skald_wire::amqp::ClassicQueueVersion::default(),
         }
     }
 }
@@ -152,7 +155,10 @@ impl TestEnv {
                 ..Default::default()
             }
         } else {
-            skald_wire::amqp::Topology::default()
+            skald_wire::amqp::Topology {
+                classic_version: setup.classic_queue_version,
+                ..Default::default()
+            }
         };
         let mut env = Self {
             topology: topology.clone(),
@@ -170,6 +176,8 @@ impl TestEnv {
         env.coordinator_config.delivery_limit = topology.delivery_limit;
         env.participant_config.queue_type = topology.queue_type;
         env.participant_config.delivery_limit = topology.delivery_limit;
+        env.coordinator_config.classic_queue_version = topology.classic_version;
+        env.participant_config.classic_queue_version = topology.classic_version;
         // Every database is created and migrated, whatever runs.
         let c = &env.participant_config;
         let mut dbs: Vec<(String, &'static sqlx::migrate::Migrator)> = vec![

@@ -47,18 +47,12 @@ async fn happy_path_approves_charges_once_and_reserves_stock() {
         .expect("order row in its shard");
     assert_eq!(row.0, "APPROVED");
     assert!(row.1 > 0, "fencing token stored on the row");
-    // Classic queues use the storage of version 2 (AMQP_CLASSIC_QUEUE_VERSION).
+    // Classic queues, their storage version left to the broker by default.
     let listing = queue_listing(&env);
-    for q in [
-        "skald.order.commands",
-        "skald.payment.commands",
-        "skald.inventory.commands",
-        "skald.coordinator.replies",
-        "skald.dead-letters",
-    ] {
+    for q in ALL_QUEUES {
         let line = queue_line(&listing, q);
         assert!(line.contains("classic"), "{line}");
-        assert!(line.contains(r#"{"x-queue-version",2}"#), "{line}");
+        assert!(!line.contains("x-queue-version"), "{line}");
     }
     let report = env.verify().await;
     assert!(report.ok(), "{:?}", report.violations);
@@ -188,18 +182,32 @@ async fn order_shards_spread_over_two_databases_keep_every_guarantee() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sagas_run_over_classic_queues_of_storage_version_2() {
+    let mut env = TestEnv::start(Setup {
+        classic_queue_version: skald_wire::amqp::ClassicQueueVersion::V2,
+        ..Setup::default()
+    })
+    .await;
+    approve_then_refund(&env, "noor").await;
+    let listing = queue_listing(&env);
+    for q in ALL_QUEUES {
+        let line = queue_line(&listing, q);
+        assert!(line.contains("classic"), "{line}");
+        assert!(line.contains(r#"{"x-queue-version",2}"#), "{line}");
+    }
+    let report = env.verify().await;
+    assert!(report.ok(), "{:?}", report.violations);
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sagas_run_over_quorum_queues_with_a_delivery_limit() {
     let mut env = TestEnv::start(Setup {
         quorum_queues: true,
         ..Setup::default()
     })
     .await;
-    env.seed(&[("mia", 1_000)], &[("sku-1", 1)]).await;
-    // One unit of stock: the first order takes it, the second is refunded.
-    let (ok, _) = env.place_order(&order("mia", &[("sku-1", 1, 100)])).await;
-    assert_eq!(env.wait_for_order(ok, WITHIN).await["status"], "APPROVED");
-    let (refunded, _) = env.place_order(&order("mia", &[("sku-1", 1, 100)])).await;
-    assert_eq!(env.wait_for_order(refunded, WITHIN).await["status"], "CANCELLED");
+    approve_then_refund(&env, "mia").await;
     let listing = queue_listing(&env);
     for q in [
         "skald.order.commands",
@@ -215,6 +223,25 @@ async fn sagas_run_over_quorum_queues_with_a_delivery_limit() {
     assert!(report.ok(), "{:?}", report.violations);
     env.stop().await;
 }
+
+/// One unit of stock: the first order takes it and is approved, the second
+/// is refunded and cancelled.
+async fn approve_then_refund(env: &TestEnv, customer: &str) {
+    env.seed(&[(customer, 1_000)], &[("sku-1", 1)]).await;
+    let (ok, _) = env.place_order(&order(customer, &[("sku-1", 1, 100)])).await;
+    assert_eq!(env.wait_for_order(ok, WITHIN).await["status"], "APPROVED");
+    let (refunded, _) = env.place_order(&order(customer, &[("sku-1", 1, 100)])).await;
+    assert_eq!(env.wait_for_order(refunded, WITHIN).await["status"], "CANCELLED");
+}
+
+/// Every queue Skald declares.
+const ALL_QUEUES: [&str; 5] = [
+    "skald.order.commands",
+    "skald.payment.commands",
+    "skald.inventory.commands",
+    "skald.coordinator.replies",
+    "skald.dead-letters",
+];
 
 /// `rabbitmqctl list_queues` of the test's vhost: name, type, arguments.
 fn queue_listing(env: &TestEnv) -> String {

@@ -443,8 +443,8 @@ fn summarize(finished: &[Finished], refunds: i64, elapsed: Duration) -> usize {
     outln!("  {:<w$}{}", "retries (attempts after the first)", retries);
     match (percentile(&latencies, 50.0), percentile(&latencies, 99.0)) {
         (Some(p50), Some(p99)) => outln!(
-            "  {:<w$}{} / {} / {} (max)",
-            "latency p50 / p99, saga created -> finished",
+            "  {:<w$}{} / {} / {}",
+            "latency p50 / p99 / max (created -> done)",
             ms(p50),
             ms(p99),
             ms(*latencies.last().expect("not empty"))

@@ -17,7 +17,7 @@ impl Handler for InventoryParticipant {
     }
 
     fn all_or_nothing(&self, message_type: &str) -> bool {
-        message_type == "ReserveStock"
+        matches!(message_type, "ReserveStock" | "ReleaseStock")
     }
 
     /// Reservations of this saga's order: the reservation ran.

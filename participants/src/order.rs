@@ -234,29 +234,7 @@ impl OrderStore {
         tx: &mut PgConnection,
         orders: &[(Uuid, i64)],
     ) -> Result<Vec<Approval>, HandlerError> {
-        let tables = self.tables_of(orders.iter().map(|(id, _)| *id));
-        let mut sql =
-            String::from("WITH u AS (SELECT * FROM unnest($1::text[], $2::uuid[], $3::int8[]) AS u(tbl, id, fence))");
-        let mut approved_ids = Vec::new();
-        for (n, table) in self.tables_with(orders.first().map(|(id, _)| *id)).iter().enumerate() {
-            sql.push_str(&format!(
-                ", t{n} AS (
-                 UPDATE {table} AS o SET status = 'APPROVED', fence = u.fence, updated_at = now()
-                 FROM u WHERE u.tbl = '{table}' AND o.id = u.id AND o.status = 'PENDING' AND o.fence < u.fence
-                 RETURNING o.id)"
-            ));
-            approved_ids.push(format!("SELECT id FROM t{n}"));
-        }
-        sql.push(' ');
-        sql.push_str(&approved_ids.join(" UNION ALL "));
-        let approved: HashSet<Uuid> = sqlx::query_scalar(AssertSqlSafe(sql))
-            .bind(&tables)
-            .bind(orders.iter().map(|(id, _)| *id).collect::<Vec<_>>())
-            .bind(orders.iter().map(|(_, fence)| *fence).collect::<Vec<_>>())
-            .fetch_all(&mut *tx)
-            .await?
-            .into_iter()
-            .collect();
+        let approved = self.set_status_many(tx, orders, "APPROVED", Some("PENDING")).await?;
         let mut outcomes = Vec::with_capacity(orders.len());
         for &(id, fence) in orders {
             outcomes.push(if approved.contains(&id) {
@@ -266,6 +244,54 @@ impl OrderStore {
             });
         }
         Ok(outcomes)
+    }
+
+    /// [`Self::set_status`] for many orders (of one database), in one
+    /// statement whatever their shard tables; an order it did not update
+    /// goes through [`Self::set_status`] for its reason.
+    pub async fn cancel_many(&self, tx: &mut PgConnection, orders: &[(Uuid, i64)]) -> Result<(), HandlerError> {
+        let cancelled = self.set_status_many(tx, orders, "CANCELLED", None).await?;
+        for &(id, fence) in orders {
+            if !cancelled.contains(&id) {
+                self.set_status(tx, id, "CANCELLED", fence).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets `status` on each order (from `from` only, if given) whose
+    /// fence is older than the one given; returns the ids it updated.
+    async fn set_status_many(
+        &self,
+        tx: &mut PgConnection,
+        orders: &[(Uuid, i64)],
+        status: &'static str,
+        from: Option<&'static str>,
+    ) -> Result<HashSet<Uuid>, HandlerError> {
+        let tables = self.tables_of(orders.iter().map(|(id, _)| *id));
+        let only_from = from.map(|f| format!(" AND o.status = '{f}'")).unwrap_or_default();
+        let mut sql =
+            String::from("WITH u AS (SELECT * FROM unnest($1::text[], $2::uuid[], $3::int8[]) AS u(tbl, id, fence))");
+        let mut updated_ids = Vec::new();
+        for (n, table) in self.tables_with(orders.first().map(|(id, _)| *id)).iter().enumerate() {
+            sql.push_str(&format!(
+                ", t{n} AS (
+                 UPDATE {table} AS o SET status = '{status}', fence = u.fence, updated_at = now()
+                 FROM u WHERE u.tbl = '{table}' AND o.id = u.id{only_from} AND o.fence < u.fence
+                 RETURNING o.id)"
+            ));
+            updated_ids.push(format!("SELECT id FROM t{n}"));
+        }
+        sql.push(' ');
+        sql.push_str(&updated_ids.join(" UNION ALL "));
+        Ok(sqlx::query_scalar(AssertSqlSafe(sql))
+            .bind(&tables)
+            .bind(orders.iter().map(|(id, _)| *id).collect::<Vec<_>>())
+            .bind(orders.iter().map(|(_, fence)| *fence).collect::<Vec<_>>())
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .collect())
     }
 
     /// Every shard table in the database of `order_id`. A statement over
@@ -381,7 +407,7 @@ impl Handler for OrderParticipant {
     }
 
     fn all_or_nothing(&self, message_type: &str) -> bool {
-        matches!(message_type, "CreateOrder" | "ApproveOrder")
+        matches!(message_type, "CreateOrder" | "ApproveOrder" | "CancelOrder")
     }
 
     fn lock_resource(&self, command: &CommandEnvelope) -> Result<Option<String>, HandlerError> {
@@ -444,7 +470,7 @@ impl Handler for OrderParticipant {
     ) -> impl Future<Output = Result<Option<Vec<Handled>>, HandlerError>> + Send + 'a {
         async move {
             let message_type = ctxs.first().map(|c| c.message_type);
-            if !matches!(message_type, Some("CreateOrder" | "ApproveOrder")) {
+            if !matches!(message_type, Some("CreateOrder" | "ApproveOrder" | "CancelOrder")) {
                 return Ok(None);
             }
             let mut orders = Vec::with_capacity(ctxs.len());
@@ -460,6 +486,12 @@ impl Handler for OrderParticipant {
                 orders
                     .iter()
                     .map(|(_, o, _)| Handled::Success(json!({"order_id": o.order_id, "status": "PENDING"})))
+                    .collect()
+            } else if message_type == Some("CancelOrder") {
+                let ids: Vec<(Uuid, i64)> = orders.iter().map(|(_, o, f)| (o.order_id, *f)).collect();
+                self.store.cancel_many(tx, &ids).await?;
+                ids.iter()
+                    .map(|(id, _)| Handled::Success(json!({"order_id": id, "status": "CANCELLED"})))
                     .collect()
             } else {
                 let ids: Vec<(Uuid, i64)> = orders.iter().map(|(_, o, f)| (o.order_id, *f)).collect();

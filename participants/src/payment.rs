@@ -1,6 +1,6 @@
 //! The `payment` participant: charges and refunds customer balances.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 
 use serde_json::json;
@@ -17,7 +17,7 @@ impl Handler for PaymentParticipant {
     }
 
     fn all_or_nothing(&self, message_type: &str) -> bool {
-        message_type == "ChargePayment"
+        matches!(message_type, "ChargePayment" | "RefundPayment")
     }
 
     // Written out (not `async fn`) to promise `Send`: the runtime spawns handlers.
@@ -56,6 +56,7 @@ impl Handler for PaymentParticipant {
         async move {
             match ctxs.first().map(|c| c.message_type) {
                 Some("ChargePayment") => charge_many(tx, ctxs).await.map(Some),
+                Some("RefundPayment") => refund_many(tx, ctxs).await.map(Some),
                 _ => Ok(None),
             }
         }
@@ -155,6 +156,36 @@ async fn charge(
         .fetch_one(&mut *tx)
         .await?;
     Ok(charge_outcome(false, exists, order))
+}
+
+/// [`refund`] for many orders in one statement: each customer is credited
+/// the sum of their refunds.
+async fn refund_many(tx: &mut PgConnection, ctxs: &[CommandContext<'_>]) -> Result<Vec<Handled>, HandlerError> {
+    let orders = payload::payloads(ctxs)?;
+    let rows = sqlx::query(
+        "WITH refunded AS (
+             UPDATE payments SET status = 'REFUNDED', updated_at = now()
+             WHERE order_id = ANY($1) AND status = 'CHARGED'
+             RETURNING order_id, customer_id, amount_cents
+         ), credited AS (
+             UPDATE accounts a SET balance_cents = a.balance_cents + r.total
+             FROM (SELECT customer_id, sum(amount_cents)::int8 AS total FROM refunded GROUP BY customer_id) r
+             WHERE a.customer_id = r.customer_id
+         )
+         SELECT order_id, amount_cents FROM refunded",
+    )
+    .bind(orders.iter().map(|o| o.order_id).collect::<Vec<_>>())
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut refunded: HashMap<uuid::Uuid, i64> = HashMap::with_capacity(rows.len());
+    for row in rows {
+        *refunded.entry(row.try_get("order_id")?).or_default() += row.try_get::<i64, _>("amount_cents")?;
+    }
+    // An order twice in the batch is refunded once, as one by one.
+    Ok(orders
+        .iter()
+        .map(|o| Handled::Success(json!({"refunded_cents": refunded.remove(&o.order_id).unwrap_or(0)})))
+        .collect())
 }
 
 async fn refund(tx: &mut PgConnection, order: &OrderPayload) -> Result<Handled, HandlerError> {

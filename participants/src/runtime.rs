@@ -24,6 +24,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -126,7 +127,8 @@ pub trait Handler: Send + Sync + 'static {
     /// `BusinessFailure` leaves no change behind, and an error leaves nothing
     /// that must be undone short of aborting the transaction (a single
     /// statement, or writes that only happen once every check passed). The
-    /// runtime then runs the action without a savepoint and writes its
+    /// runtime then runs the command (an action, or a compensation whose
+    /// action's barrier row is there) without a savepoint and writes its
     /// barrier row together with the batch's others. `false` (the default)
     /// is always safe.
     fn all_or_nothing(&self, _message_type: &str) -> bool {
@@ -155,10 +157,11 @@ pub trait Handler: Send + Sync + 'static {
         ctx: &'a CommandContext<'a>,
     ) -> impl Future<Output = Result<Handled, HandlerError>> + Send + 'a;
 
-    /// Applies several [all-or-nothing](Self::all_or_nothing) actions of
-    /// one message type at once (a statement for all, where `handle` has
-    /// one each), with the outcome `handle` would give each, in order.
-    /// They are for distinct sagas and distinct lock resources. `None`
+    /// Applies several [all-or-nothing](Self::all_or_nothing) commands of
+    /// one message type (actions, or compensations of actions that
+    /// succeeded) at once (a statement for all, where `handle` has one
+    /// each), with the outcome `handle` would give each, in order. They are
+    /// for distinct (saga, step) pairs and distinct lock resources. `None`
     /// (the default) hands them to `handle` one by one. An error rolls the
     /// batch back, and its commands run again one by one.
     fn handle_many<'a>(
@@ -242,6 +245,8 @@ pub struct Runtime<H: Handler> {
     config: RuntimeConfig,
     /// Replies this participant commits go to its relays.
     handoff: Vec<Arc<Handoff>>,
+    /// Batch transactions rolled back and run again one by one.
+    reruns: Arc<AtomicU64>,
 }
 
 impl<H: Handler> Clone for Runtime<H> {
@@ -252,6 +257,7 @@ impl<H: Handler> Clone for Runtime<H> {
             locks: self.locks.clone(),
             config: self.config.clone(),
             handoff: self.handoff.clone(),
+            reruns: self.reruns.clone(),
         }
     }
 }
@@ -273,7 +279,14 @@ impl<H: Handler> Runtime<H> {
             locks,
             config,
             handoff: (0..pool_count).map(|_| Handoff::new()).collect(),
+            reruns: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// How many batch transactions (this runtime and its clones) were
+    /// rolled back and run again command by command.
+    pub fn batches_rerun(&self) -> u64 {
+        self.reruns.load(Ordering::Relaxed)
     }
 
     /// The first database (the only one unless partitioned).
@@ -568,6 +581,13 @@ impl<H: Handler> Runtime<H> {
         match result {
             Ok(outcomes) => outcomes,
             Err(e) => {
+                self.reruns.fetch_add(1, Ordering::Relaxed);
+                let reason = if matches!(e, HandlerError::BarrierRace) {
+                    "barrier_race"
+                } else {
+                    "error"
+                };
+                skald_wire::metrics::batch_rerun(self.handler.participant(), reason);
                 tracing::warn!(error = %e, commands = batch.len(), "batch transaction failed; processing its commands one by one");
                 let mut outcomes = Vec::with_capacity(batch.len());
                 for one in batch {
@@ -581,15 +601,20 @@ impl<H: Handler> Runtime<H> {
     /// The batch transaction. `Err` means the transaction failed as a whole
     /// (nothing was committed); per-command failures are in the `Ok` vector.
     ///
-    /// Actions whose handler is [all-or-nothing](Handler::all_or_nothing)
-    /// take the direct path: if the batch holds a retry, one query finds the
-    /// barrier rows that already exist (those commands get their stored
-    /// reply); the others run their handler with no savepoint, and one insert writes all their barrier
-    /// rows with their replies. If that insert finds a row another
-    /// transaction wrote meanwhile, or a handler fails, the whole batch is
-    /// rolled back and run again command by command on the savepoint path.
-    /// Everything else (compensations, other handlers) takes the savepoint
-    /// path ([`Self::execute_in`]) inside the same transaction.
+    /// Commands whose handler is [all-or-nothing](Handler::all_or_nothing)
+    /// take the direct path. One query finds the barrier rows that already
+    /// exist, if the batch holds a retry or a compensation: a command whose
+    /// own row is there gets its stored reply. A compensation takes the
+    /// direct path only if its action's row is there (committed, so its
+    /// outcome is final): it runs its handler if the action succeeded, and
+    /// is a no-op otherwise. The others run their handler with no
+    /// savepoint, and one insert writes all their barrier rows with their
+    /// replies. If that insert finds a row another transaction wrote
+    /// meanwhile, or a handler fails, the whole batch is rolled back and run
+    /// again command by command on the savepoint path. Everything else
+    /// (a compensation whose action has no row, which must leave a
+    /// tombstone; other handlers) takes the savepoint path
+    /// ([`Self::execute_in`]) inside the same transaction.
     async fn execute_batch(
         &self,
         part: usize,
@@ -597,35 +622,42 @@ impl<H: Handler> Runtime<H> {
         guards: &[Result<Option<LockGuard>, HandlerError>],
     ) -> Result<Vec<Result<Processed, HandlerError>>, HandlerError> {
         let mut tx = self.pools[part].begin().await?;
-        let direct: Vec<bool> = batch
+        let eligible: Vec<bool> = batch
             .iter()
             .zip(guards)
-            .map(|(c, g)| c.command.kind == Kind::Action && g.is_ok() && self.handler.all_or_nothing(c.message_type))
+            .map(|(c, g)| g.is_ok() && self.handler.all_or_nothing(c.message_type))
             .collect();
-        let direct_commands: Vec<&CommandEnvelope> = batch
+        // Only a retry (attempt > 1) of an action is likely to find its
+        // row stored; a first attempt that does (a duplicate delivery) makes
+        // the barrier insert come up short, and the batch reruns on the
+        // savepoint path, which replays. A compensation needs its action's row.
+        let lookups: Vec<&CommandEnvelope> = batch
             .iter()
-            .zip(&direct)
-            .filter(|(_, d)| **d)
+            .zip(&eligible)
+            .filter(|(c, e)| **e && (c.command.kind == Kind::Compensation || c.command.attempt > 1))
             .map(|(c, _)| c.command)
             .collect();
-        // Replies of the actions on the direct path, by (saga, step): stored
-        // ones first, then each one handled in this batch. Only a retry
-        // (attempt > 1) is likely to find one stored; a first attempt that
-        // does (a duplicate delivery) makes the barrier insert come up
-        // short, and the batch reruns on the savepoint path, which replays.
-        let mut known = if direct_commands.iter().any(|c| c.attempt > 1) {
-            stored_action_replies(&mut tx, &direct_commands).await?
-        } else {
-            HashMap::new()
-        };
-        let injected: Vec<bool> = direct.iter().map(|d| *d && self.config.faults.transient()).collect();
-        let mut together = self
-            .handle_together(&mut tx, batch, guards, &direct, &injected, &known)
-            .await?;
+        let stored = stored_barriers(&mut tx, &lookups).await?;
+        // What each command does on the direct path; `None`: savepoint path.
+        let plan: Vec<Option<Direct>> = batch
+            .iter()
+            .zip(&eligible)
+            .map(|(c, &e)| e.then(|| Direct::plan(c.command, &stored)).flatten())
+            .collect();
+        let injected: Vec<bool> = plan
+            .iter()
+            .map(|d| d.is_some() && self.config.faults.transient())
+            .collect();
+        let handled_together: Vec<bool> = plan
+            .iter()
+            .zip(&injected)
+            .map(|(d, i)| !i && matches!(d, Some(Direct::Run)))
+            .collect();
+        let mut together = self.handle_together(&mut tx, batch, guards, &handled_together).await?;
         let mut fresh: Vec<(&CommandEnvelope, &str, ReplyEnvelope)> = Vec::new();
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut replies = Vec::with_capacity(batch.len());
-        for (index, ((incoming, guard), direct)) in batch.iter().zip(guards).zip(direct).enumerate() {
+        for (index, ((incoming, guard), plan)) in batch.iter().zip(guards).zip(plan).enumerate() {
             let Incoming {
                 command,
                 message_type,
@@ -640,29 +672,31 @@ impl<H: Handler> Runtime<H> {
                     }
                     Err(e) => return Ok(Err(HandlerError::BadPayload(e.to_string()))),
                 };
-                if !direct {
+                let Some(plan) = plan else {
                     return Ok(match self.execute_in(&mut tx, command, message_type, fence).await {
                         Ok(p) => Ok(p),
                         Err(e) if e.is_transient() => Ok(Processed::Retryable(self.retryable_reply(command, &e))),
                         Err(e) => Err(e),
                     });
-                }
+                };
                 if injected[index] {
                     let reply = self.retryable_reply(command, &HandlerError::Injected);
                     return Ok(Ok(Processed::Retryable(reply)));
                 }
-                let key = (command.saga_id, command.step.clone());
-                if let Some(stored) = known.get(&key) {
-                    return Ok(Ok(replayed(stored.clone(), command)));
-                }
-                let ctx = CommandContext {
-                    command,
-                    message_type,
-                    fence,
-                };
-                let handled = match together.remove(&index) {
-                    Some(handled) => Ok(handled),
-                    None => self.handler.handle(&mut tx, &ctx).await,
+                let handled = match plan {
+                    Direct::Replay(stored) => return Ok(Ok(replayed(stored, command))),
+                    Direct::NoOp => Ok(Handled::Success(json!({"noop": true}))),
+                    Direct::Run => match together.remove(&index) {
+                        Some(handled) => Ok(handled),
+                        None => {
+                            let ctx = CommandContext {
+                                command,
+                                message_type,
+                                fence,
+                            };
+                            self.handler.handle(&mut tx, &ctx).await
+                        }
+                    },
                 };
                 let reply = match handled {
                     Ok(Handled::Success(data)) => ReplyEnvelope::success(command, data),
@@ -670,7 +704,6 @@ impl<H: Handler> Runtime<H> {
                     // The transaction may be aborted: the batch goes the slow way.
                     Err(e) => return Err(e),
                 };
-                known.insert(key, reply.clone());
                 fresh.push((command, message_type, reply.clone()));
                 Ok(Ok(Processed::Executed(reply)))
             }
@@ -698,28 +731,24 @@ impl<H: Handler> Runtime<H> {
         Ok(outcomes)
     }
 
-    /// Runs the direct-path actions of the batch that share a message type
-    /// through [`Handler::handle_many`]: the first command of each (saga,
-    /// step) not answered already, with its lock held. Returns the
-    /// outcomes by position in the batch; the others (and all of them if
-    /// the handler declines) go to `handle` one by one.
+    /// Runs the direct-path commands of the batch that share a message
+    /// type and run their handler (`wanted`) through
+    /// [`Handler::handle_many`]: the first command of each (saga, step,
+    /// kind), with its lock held. Returns the outcomes by position in the
+    /// batch; the others (and all of them if the handler declines) go to
+    /// `handle` one by one.
     async fn handle_together(
         &self,
         tx: &mut PgConnection,
         batch: &[&Incoming<'_>],
         guards: &[Result<Option<LockGuard>, HandlerError>],
-        direct: &[bool],
-        injected: &[bool],
-        known: &HashMap<(Uuid, String), ReplyEnvelope>,
+        wanted: &[bool],
     ) -> Result<HashMap<usize, Handled>, HandlerError> {
         let mut groups: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
-        let mut seen: HashSet<(Uuid, &str)> = HashSet::new();
+        let mut seen: HashSet<(Uuid, &str, Kind)> = HashSet::new();
         for (i, incoming) in batch.iter().enumerate() {
             let command = incoming.command;
-            if !direct[i] || injected[i] || known.contains_key(&(command.saga_id, command.step.clone())) {
-                continue;
-            }
-            if seen.insert((command.saga_id, command.step.as_str())) {
+            if wanted[i] && seen.insert((command.saga_id, command.step.as_str(), command.kind)) {
                 groups.entry(incoming.message_type).or_default().push(i);
             }
         }
@@ -971,20 +1000,52 @@ async fn record(
     claim(tx, command, message_type, command.kind, false, Some(reply)).await
 }
 
-/// The stored replies of these actions' barrier rows that exist, by (saga, step).
-async fn stored_action_replies(
-    tx: &mut PgConnection,
-    actions: &[&CommandEnvelope],
-) -> Result<HashMap<(Uuid, String), ReplyEnvelope>, HandlerError> {
-    if actions.is_empty() {
+/// Replies stored in barrier rows, by (saga, step, kind).
+type StoredReplies = HashMap<(Uuid, String, Kind), ReplyEnvelope>;
+
+/// What a command on the direct path does.
+#[derive(Debug)]
+enum Direct {
+    /// Run the handler.
+    Run,
+    /// Its barrier row is there: send the stored reply again.
+    Replay(ReplyEnvelope),
+    /// A compensation whose action failed or was refused: nothing to undo.
+    NoOp,
+}
+
+impl Direct {
+    /// `None` for a compensation whose action has no barrier row: it takes
+    /// the savepoint path, which leaves the tombstone.
+    fn plan(command: &CommandEnvelope, stored: &StoredReplies) -> Option<Self> {
+        let key = |kind| (command.saga_id, command.step.clone(), kind);
+        if let Some(reply) = stored.get(&key(command.kind)) {
+            return Some(Direct::Replay(reply.clone()));
+        }
+        match command.kind {
+            Kind::Action => Some(Direct::Run),
+            Kind::Compensation => stored.get(&key(Kind::Action)).map(|action| {
+                if action.outcome == ReplyOutcome::Success {
+                    Direct::Run
+                } else {
+                    Direct::NoOp
+                }
+            }),
+        }
+    }
+}
+
+/// The stored replies of the barrier rows, of either kind, that exist for
+/// these commands' (saga, step).
+async fn stored_barriers(tx: &mut PgConnection, commands: &[&CommandEnvelope]) -> Result<StoredReplies, HandlerError> {
+    if commands.is_empty() {
         return Ok(HashMap::new());
     }
-    let wanted: std::collections::HashSet<(Uuid, &str)> =
-        actions.iter().map(|c| (c.saga_id, c.step.as_str())).collect();
-    let sagas: Vec<Uuid> = actions.iter().map(|c| c.saga_id).collect();
+    let wanted: HashSet<(Uuid, &str)> = commands.iter().map(|c| (c.saga_id, c.step.as_str())).collect();
+    let sagas: Vec<Uuid> = commands.iter().map(|c| c.saga_id).collect();
     // By the key's leading column only: a join on (saga, step) pairs made
     // the planner hash the whole inbox (measured: 1 ms a batch instead of 0.1).
-    let rows = sqlx::query("SELECT saga_id, step, reply FROM inbox WHERE saga_id = ANY($1) AND kind = 'action'")
+    let rows = sqlx::query("SELECT saga_id, step, kind, reply FROM inbox WHERE saga_id = ANY($1)")
         .bind(&sagas)
         .fetch_all(&mut *tx)
         .await?;
@@ -995,14 +1056,16 @@ async fn stored_action_replies(
         if !wanted.contains(&(saga_id, step.as_str())) {
             continue;
         }
+        let kind: String = row.try_get("kind")?;
+        let kind: Kind = kind.parse().map_err(HandlerError::BadPayload)?;
         let reply: Option<Value> = row.try_get("reply")?;
         let reply = reply.ok_or_else(|| HandlerError::BadPayload("inbox row without a reply".to_owned()))?;
-        stored.insert((saga_id, step), serde_json::from_value(reply)?);
+        stored.insert((saga_id, step, kind), serde_json::from_value(reply)?);
     }
     Ok(stored)
 }
 
-/// Inserts the barrier rows of actions handled on the direct path, with
+/// Inserts the barrier rows of commands handled on the direct path, with
 /// their replies, and the batch's replies into the outbox, in one
 /// statement. Returns how many barrier rows were inserted (fewer than given
 /// means another transaction wrote one of them meanwhile: the caller rolls
@@ -1014,12 +1077,14 @@ async fn record_and_send(
 ) -> Result<(i64, Vec<Written>), HandlerError> {
     let mut sagas = Vec::with_capacity(rows.len());
     let mut steps = Vec::with_capacity(rows.len());
+    let mut kinds = Vec::with_capacity(rows.len());
     let mut attempts = Vec::with_capacity(rows.len());
     let mut types = Vec::with_capacity(rows.len());
     let mut replies = Vec::with_capacity(rows.len());
     for (command, message_type, reply) in rows {
         sagas.push(command.saga_id);
         steps.push(command.step.as_str());
+        kinds.push(command.kind.as_str());
         attempts.push(command.attempt as i32);
         types.push(*message_type);
         replies.push(serde_json::to_value(reply)?);
@@ -1027,13 +1092,13 @@ async fn record_and_send(
     let statement = concat!(
         "WITH recorded AS (
              INSERT INTO inbox (saga_id, step, kind, attempt, message_type, tombstone, reply)
-             SELECT saga_id, step, 'action', attempt, message_type, false, reply
-             FROM unnest($1::uuid[], $2::text[], $3::int4[], $4::text[], $5::jsonb[])
-                  AS r(saga_id, step, attempt, message_type, reply)
+             SELECT saga_id, step, kind, attempt, message_type, false, reply
+             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int4[], $5::text[], $6::jsonb[])
+                  AS r(saga_id, step, kind, attempt, message_type, reply)
              ON CONFLICT DO NOTHING
              RETURNING 1),
          sent AS (",
-        skald_wire::outbox_unnest!(6, 7, 8, 9, 10, 11, 12),
+        skald_wire::outbox_unnest!(7, 8, 9, 10, 11, 12, 13),
         " RETURNING id, message_id)
          SELECT (SELECT count(*) FROM recorded) AS recorded,
                 ARRAY (SELECT id FROM sent) AS outbox, ARRAY (SELECT message_id FROM sent) AS outbox_messages"
@@ -1041,6 +1106,7 @@ async fn record_and_send(
     let query = sqlx::query(statement)
         .bind(&sagas)
         .bind(&steps)
+        .bind(&kinds)
         .bind(&attempts)
         .bind(&types)
         .bind(&replies);

@@ -43,6 +43,7 @@ pub const LOCK_ACQUISITIONS: &str = "skald_lock_acquisitions_total";
 pub const LOCK_BUSY: &str = "skald_lock_busy_total";
 pub const LOCK_TIMEOUTS: &str = "skald_lock_timeouts_total";
 pub const FENCING_REJECTIONS: &str = "skald_fencing_rejections_total";
+pub const BATCHES_RERUN: &str = "skald_participant_batches_rerun_total";
 
 /// Buckets of one step attempt (command sent -> reply applied): 5 ms to 1 min.
 pub const STEP_BUCKETS: &[f64] = &[
@@ -117,6 +118,10 @@ const COUNTERS: &[(&str, &str)] = &[
     (
         FENCING_REJECTIONS,
         "Writes refused because their fencing token was stale.",
+    ),
+    (
+        BATCHES_RERUN,
+        "Batch transactions rolled back and run again command by command, by participant and reason.",
     ),
 ];
 
@@ -289,6 +294,13 @@ pub fn lock_timed_out(resource: &str) {
 
 pub fn fencing_rejected(resource: &str) {
     counter!(FENCING_REJECTIONS, "resource" => resource.to_owned()).increment(1);
+}
+
+/// A participant's batch transaction failed as a whole and its commands
+/// run again one by one; `reason` is `barrier_race` (a barrier row written
+/// meanwhile, or twice in the batch) or `error`.
+pub fn batch_rerun(participant: &'static str, reason: &'static str) {
+    counter!(BATCHES_RERUN, "participant" => participant, "reason" => reason).increment(1);
 }
 
 // ---- outbox gauges ----

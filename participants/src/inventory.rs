@@ -56,6 +56,7 @@ impl Handler for InventoryParticipant {
         async move {
             match ctxs.first().map(|c| c.message_type) {
                 Some("ReserveStock") => reserve_many(tx, ctxs).await.map(Some),
+                Some("ReleaseStock") => release_many(tx, ctxs).await.map(Some),
                 _ => Ok(None),
             }
         }
@@ -179,6 +180,27 @@ async fn reserve(
         None => reserved(skus.len()),
         Some(row) => refused(row.try_get("sku")?, row.try_get("unknown")?),
     })
+}
+
+/// [`release`] for many orders in one statement: each SKU gets back the
+/// sum of what the batch's orders had reserved of it.
+async fn release_many(tx: &mut PgConnection, ctxs: &[CommandContext<'_>]) -> Result<Vec<Handled>, HandlerError> {
+    payload::undo_many(
+        tx,
+        ctxs,
+        "WITH released AS (
+             UPDATE reservations SET status = 'RELEASED', updated_at = now()
+             WHERE order_id = ANY($1) AND status = 'RESERVED'
+             RETURNING order_id, sku, quantity
+         ), restocked AS (
+             UPDATE stock s SET available = s.available + r.quantity
+             FROM (SELECT sku, sum(quantity)::int8 AS quantity FROM released GROUP BY sku) r
+             WHERE s.sku = r.sku
+         )
+         SELECT order_id, count(*) AS n FROM released GROUP BY order_id",
+        "released_lines",
+    )
+    .await
 }
 
 async fn release(tx: &mut PgConnection, order: &OrderPayload) -> Result<Handled, HandlerError> {

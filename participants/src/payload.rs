@@ -81,3 +81,29 @@ pub fn every_outcome(outcomes: Vec<Option<Handled>>, what: &str) -> Result<Vec<H
         .map(|o| o.ok_or_else(|| HandlerError::BadPayload(format!("{what} of the batch got no outcome"))))
         .collect()
 }
+
+/// Undoes a batch of compensations' orders with one statement, `sql`,
+/// which takes the order ids as `$1` and returns `(order_id, n)` rows:
+/// each order's reply data is `{field: n}`, 0 where nothing was left to
+/// undo (an order seen earlier in the batch included, as one by one).
+pub async fn undo_many(
+    tx: &mut sqlx::PgConnection,
+    ctxs: &[CommandContext<'_>],
+    sql: &'static str,
+    field: &str,
+) -> Result<Vec<Handled>, HandlerError> {
+    use sqlx::Row;
+    let orders = payloads(ctxs)?;
+    let rows = sqlx::query(sql)
+        .bind(orders.iter().map(|o| o.order_id).collect::<Vec<_>>())
+        .fetch_all(&mut *tx)
+        .await?;
+    let mut undone: std::collections::HashMap<Uuid, i64> = std::collections::HashMap::with_capacity(rows.len());
+    for row in rows {
+        undone.insert(row.try_get("order_id")?, row.try_get("n")?);
+    }
+    Ok(orders
+        .iter()
+        .map(|o| Handled::Success(serde_json::json!({ field: undone.remove(&o.order_id).unwrap_or(0) })))
+        .collect())
+}

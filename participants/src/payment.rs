@@ -1,6 +1,6 @@
 //! The `payment` participant: charges and refunds customer balances.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::future::Future;
 
 use serde_json::json;
@@ -161,8 +161,9 @@ async fn charge(
 /// [`refund`] for many orders in one statement: each customer is credited
 /// the sum of their refunds.
 async fn refund_many(tx: &mut PgConnection, ctxs: &[CommandContext<'_>]) -> Result<Vec<Handled>, HandlerError> {
-    let orders = payload::payloads(ctxs)?;
-    let rows = sqlx::query(
+    payload::undo_many(
+        tx,
+        ctxs,
         "WITH refunded AS (
              UPDATE payments SET status = 'REFUNDED', updated_at = now()
              WHERE order_id = ANY($1) AND status = 'CHARGED'
@@ -172,20 +173,10 @@ async fn refund_many(tx: &mut PgConnection, ctxs: &[CommandContext<'_>]) -> Resu
              FROM (SELECT customer_id, sum(amount_cents)::int8 AS total FROM refunded GROUP BY customer_id) r
              WHERE a.customer_id = r.customer_id
          )
-         SELECT order_id, amount_cents FROM refunded",
+         SELECT order_id, sum(amount_cents)::int8 AS n FROM refunded GROUP BY order_id",
+        "refunded_cents",
     )
-    .bind(orders.iter().map(|o| o.order_id).collect::<Vec<_>>())
-    .fetch_all(&mut *tx)
-    .await?;
-    let mut refunded: HashMap<uuid::Uuid, i64> = HashMap::with_capacity(rows.len());
-    for row in rows {
-        *refunded.entry(row.try_get("order_id")?).or_default() += row.try_get::<i64, _>("amount_cents")?;
-    }
-    // An order twice in the batch is refunded once, as one by one.
-    Ok(orders
-        .iter()
-        .map(|o| Handled::Success(json!({"refunded_cents": refunded.remove(&o.order_id).unwrap_or(0)})))
-        .collect())
+    .await
 }
 
 async fn refund(tx: &mut PgConnection, order: &OrderPayload) -> Result<Handled, HandlerError> {

@@ -393,3 +393,54 @@ async fn cancellations_in_one_batch_cancel_each_created_order() {
     );
     env.stop().await;
 }
+
+/// Releases on the direct path: one statement gives each SKU back what the
+/// batch's reservations took of it; a release of a refused reservation, or
+/// of one that never ran, is a no-op.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn releases_in_one_batch_give_back_each_reservation() {
+    use skald_participants::inventory::InventoryParticipant;
+    let mut env = TestEnv::start(Setup::only(Which::Inventory)).await;
+    env.seed(&[], &[("sku-a", 10), ("sku-b", 10)]).await;
+    let runtime = runtime(&env, env.dbs.inventory.clone(), InventoryParticipant);
+    let reservations = [
+        action("reserve_stock", "x", &[("sku-a", 2), ("sku-b", 1)], 1),
+        action("reserve_stock", "x", &[("sku-a", 3)], 1),
+        action("reserve_stock", "x", &[("sku-b", 4)], 1),
+        action("reserve_stock", "x", &[("sku-a", 100)], 1),
+    ];
+    let replies = run_batch(&runtime, &reservations, "ReserveStock").await;
+    assert_eq!(outcomes(&replies)[3], ("failure", "insufficient_stock: sku-a"));
+    assert_eq!((env.available("sku-a").await, env.available("sku-b").await), (5, 5));
+    let never_reserved = action("reserve_stock", "x", &[("sku-a", 1)], 1);
+    let mut releases: Vec<(CommandEnvelope, Uuid)> = reservations.iter().map(|r| compensation(r, 1)).collect();
+    releases.push(compensation(&never_reserved, 1));
+    let processed = process(&runtime, &releases, "ReleaseStock").await;
+    assert!(
+        processed.iter().all(|p| matches!(p, Processed::Executed(_))),
+        "{processed:?}"
+    );
+    assert_eq!(runtime.batches_rerun(), 0, "each batch committed as one");
+    let lines: Vec<Value> = processed.iter().map(|p| data(p)["released_lines"].clone()).collect();
+    assert_eq!(lines[..3], [json!(2), json!(1), json!(1)], "{processed:?}");
+    assert_eq!(
+        data(&processed[3]),
+        json!({"noop": true}),
+        "the reservation was refused"
+    );
+    assert_eq!(data(&processed[4]), json!({"noop": true}), "the reservation never ran");
+    assert_eq!(
+        (env.available("sku-a").await, env.available("sku-b").await),
+        (10, 10),
+        "every reserved unit given back once"
+    );
+    for (i, released) in [(0, 2), (1, 1), (2, 1)] {
+        let rows = env.reservations(reservations[i].1).await;
+        assert_eq!(rows.len(), released, "order {i}: {rows:?}");
+        assert!(
+            rows.iter().all(|(_, _, status)| status == "RELEASED"),
+            "order {i}: {rows:?}"
+        );
+    }
+    env.stop().await;
+}

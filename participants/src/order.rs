@@ -480,21 +480,19 @@ impl Handler for OrderParticipant {
                     .ok_or_else(|| HandlerError::BadPayload("order mutation without a lock".to_owned()))?;
                 orders.push((c.command.saga_id, OrderPayload::parse(&c.command.payload)?, fence));
             }
+            let ids: Vec<(Uuid, i64)> = orders.iter().map(|(_, o, f)| (o.order_id, *f)).collect();
             let handled = if message_type == Some("CreateOrder") {
                 let rows: Vec<(Uuid, &OrderPayload, i64)> = orders.iter().map(|(s, o, f)| (*s, o, *f)).collect();
                 self.store.insert_many(tx, &rows).await?;
-                orders
-                    .iter()
-                    .map(|(_, o, _)| Handled::Success(json!({"order_id": o.order_id, "status": "PENDING"})))
+                ids.iter()
+                    .map(|(id, _)| Handled::Success(json!({"order_id": id, "status": "PENDING"})))
                     .collect()
             } else if message_type == Some("CancelOrder") {
-                let ids: Vec<(Uuid, i64)> = orders.iter().map(|(_, o, f)| (o.order_id, *f)).collect();
                 self.store.cancel_many(tx, &ids).await?;
                 ids.iter()
                     .map(|(id, _)| Handled::Success(json!({"order_id": id, "status": "CANCELLED"})))
                     .collect()
             } else {
-                let ids: Vec<(Uuid, i64)> = orders.iter().map(|(_, o, f)| (o.order_id, *f)).collect();
                 self.store
                     .approve_many(tx, &ids)
                     .await?

@@ -1,7 +1,11 @@
 //! The order saga's command payload, as the coordinator sends it to every
 //! step (`CommandEnvelope.payload`).
 
+use std::collections::HashMap;
+
 use serde::Deserialize;
+use serde_json::json;
+use sqlx::Row;
 use uuid::Uuid;
 
 use crate::runtime::{CommandContext, Handled, HandlerError};
@@ -92,18 +96,17 @@ pub async fn undo_many(
     sql: &'static str,
     field: &str,
 ) -> Result<Vec<Handled>, HandlerError> {
-    use sqlx::Row;
     let orders = payloads(ctxs)?;
     let rows = sqlx::query(sql)
         .bind(orders.iter().map(|o| o.order_id).collect::<Vec<_>>())
         .fetch_all(&mut *tx)
         .await?;
-    let mut undone: std::collections::HashMap<Uuid, i64> = std::collections::HashMap::with_capacity(rows.len());
+    let mut undone: HashMap<Uuid, i64> = HashMap::with_capacity(rows.len());
     for row in rows {
         undone.insert(row.try_get("order_id")?, row.try_get("n")?);
     }
     Ok(orders
         .iter()
-        .map(|o| Handled::Success(serde_json::json!({ field: undone.remove(&o.order_id).unwrap_or(0) })))
+        .map(|o| Handled::Success(json!({ field: undone.remove(&o.order_id).unwrap_or(0) })))
         .collect())
 }

@@ -1018,6 +1018,10 @@ impl Direct {
     /// `None` for a compensation whose action has no barrier row: it takes
     /// the savepoint path, which leaves the tombstone.
     fn plan(command: &CommandEnvelope, stored: &StoredReplies) -> Option<Self> {
+        // The common case (first attempts of actions, no lookup): no key to build.
+        if stored.is_empty() {
+            return (command.kind == Kind::Action).then_some(Direct::Run);
+        }
         let key = |kind| (command.saga_id, command.step.clone(), kind);
         if let Some(reply) = stored.get(&key(command.kind)) {
             return Some(Direct::Replay(reply.clone()));

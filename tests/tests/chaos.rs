@@ -158,10 +158,7 @@ impl Cluster {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    skald_tools::free_port().expect("free port")
 }
 
 fn build_binaries() -> PathBuf {

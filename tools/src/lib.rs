@@ -11,6 +11,30 @@ use serde_json::Value;
 use skald_participants::order::ShardMap;
 use skald_participants::verify::{Databases, Report};
 
+/// A free loopback port for a child process to listen on, chosen below the
+/// kernel's ephemeral range (`ip_local_port_range`). The port is free when
+/// chosen and released before the child binds it; one the kernel picked
+/// (`127.0.0.1:0`) could meanwhile become the local end of one of the many
+/// outgoing connections to PostgreSQL or RabbitMQ, which take their ports
+/// from that range, and the child would fail with "address in use".
+pub fn free_port() -> std::io::Result<u16> {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next().and_then(|p| p.parse::<u16>().ok()))
+        .unwrap_or(32768);
+    if low > 11_000 {
+        for _ in 0..64 {
+            let port = rand::random_range(10_000..low);
+            if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+                return l.local_addr().map(|a| a.port());
+            }
+        }
+    }
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+}
+
 /// `println!` that ends the process quietly when stdout is a closed pipe
 /// (`sagactl list | head`) instead of panicking.
 #[macro_export]
@@ -307,4 +331,22 @@ pub fn report_lines(report: &Report, max_violations: usize) -> Vec<String> {
         outln!("    ... and {} more", report.violations.len() - max_violations);
     }
     lines
+}
+
+#[cfg(test)]
+mod port_tests {
+    #[test]
+    fn a_free_port_is_below_the_ephemeral_range_and_can_be_bound() {
+        let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|r| r.split_whitespace().next().and_then(|p| p.parse().ok()))
+            .unwrap_or(32768);
+        for _ in 0..20 {
+            let port = super::free_port().unwrap();
+            if low > 11_000 {
+                assert!((10_000..low).contains(&port), "port {port} is not below {low}");
+            }
+            std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+        }
+    }
 }

@@ -535,10 +535,9 @@ impl Deployment {
     }
 }
 
-/// A free loopback port (the OS picks it; it is released just before the child binds it).
+/// A free loopback port for a child (see [`crate::free_port`]).
 fn free_port() -> anyhow::Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
-    Ok(l.local_addr().context("finding a free port")?.port())
+    crate::free_port().context("finding a free port")
 }
 
 #[cfg(test)]

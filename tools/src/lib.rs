@@ -18,10 +18,7 @@ use skald_participants::verify::{Databases, Report};
 /// outgoing connections to PostgreSQL or RabbitMQ, which take their ports
 /// from that range, and the child would fail with "address in use".
 pub fn free_port() -> std::io::Result<u16> {
-    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|r| r.split_whitespace().next().and_then(|p| p.parse::<u16>().ok()))
-        .unwrap_or(32768);
+    let low = ephemeral_ports_start();
     if low > 11_000 {
         for _ in 0..64 {
             let port = rand::random_range(10_000..low);
@@ -33,6 +30,15 @@ pub fn free_port() -> std::io::Result<u16> {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
+}
+
+/// The first port of the kernel's ephemeral range (Linux's default if it
+/// cannot be read).
+fn ephemeral_ports_start() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next().and_then(|p| p.parse().ok()))
+        .unwrap_or(32768)
 }
 
 /// `println!` that ends the process quietly when stdout is a closed pipe
@@ -337,10 +343,7 @@ pub fn report_lines(report: &Report, max_violations: usize) -> Vec<String> {
 mod port_tests {
     #[test]
     fn a_free_port_is_below_the_ephemeral_range_and_can_be_bound() {
-        let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-            .ok()
-            .and_then(|r| r.split_whitespace().next().and_then(|p| p.parse().ok()))
-            .unwrap_or(32768);
+        let low = super::ephemeral_ports_start();
         for _ in 0..20 {
             let port = super::free_port().unwrap();
             if low > 11_000 {

@@ -1,0 +1,560 @@
+//! A throwaway measurement, not part of Skald: how much a message hop
+//! through RabbitMQ costs with lapin (whose connections each run an I/O
+//! thread of their own) against amqprs (tokio tasks only), in the pattern
+//! Skald uses.
+//!
+//! `driver` plays the coordinator (a multi-threaded runtime): it publishes
+//! persistent commands at a fixed rate on a confirm-mode channel and
+//! consumes the replies. `echo` plays a participant (a current-thread
+//! runtime, started by the driver as a child process): it takes what the
+//! broker delivered as one batch, publishes one persistent reply per
+//! command (confirmed, pipelined), and acks the batch with one `multiple`
+//! ack. The driver prints the round trip's p50/p99 and the CPU and context
+//! switches per round trip of itself, the echo and the broker.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, ValueEnum};
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
+enum Client {
+    Lapin,
+    Amqprs,
+}
+
+#[derive(Parser, Debug)]
+struct Args {
+    #[command(subcommand)]
+    role: Role,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Role {
+    Driver {
+        #[arg(long, value_enum)]
+        client: Client,
+        /// Round trips per second.
+        #[arg(long, default_value_t = 2000)]
+        rate: u64,
+        /// Seconds measured, after 3 s of warm-up.
+        #[arg(long, default_value_t = 15)]
+        secs: u64,
+        /// Body size in bytes (Skald's commands are 300–600).
+        #[arg(long, default_value_t = 400)]
+        size: usize,
+    },
+    Echo {
+        #[arg(long, value_enum)]
+        client: Client,
+        #[arg(long)]
+        commands: String,
+        #[arg(long)]
+        replies: String,
+    },
+}
+
+const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+const PREFETCH: u16 = 256;
+const WARMUP: Duration = Duration::from_secs(3);
+
+fn main() -> Result<()> {
+    match Args::parse().role {
+        Role::Driver {
+            client,
+            rate,
+            secs,
+            size,
+        } => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?
+            .block_on(driver(client, rate, secs, size)),
+        Role::Echo {
+            client,
+            commands,
+            replies,
+        } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(async move {
+                match client {
+                    Client::Lapin => lapin_side::echo(&commands, &replies).await,
+                    Client::Amqprs => amqprs_side::echo(&commands, &replies).await,
+                }
+            }),
+    }
+}
+
+/// What a process used: CPU ticks (1/100 s) and context switches of all its threads.
+#[derive(Clone, Copy, Default, Debug)]
+struct Usage {
+    ticks: u64,
+    switches: u64,
+}
+
+fn usage(pid: u32) -> Result<Usage> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after = stat.rsplit_once(')').context("stat")?.1;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
+    let mut switches = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let status = std::fs::read_to_string(task?.path().join("status")).unwrap_or_default();
+        for line in status.lines() {
+            if let Some(v) = line
+                .strip_prefix("voluntary_ctxt_switches:")
+                .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+            {
+                switches += v.trim().parse::<u64>().unwrap_or(0);
+            }
+        }
+    }
+    Ok(Usage { ticks, switches })
+}
+
+/// Busy and total jiffies of the whole machine.
+fn machine() -> Result<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let cpu = stat.lines().next().context("/proc/stat")?;
+    let v: Vec<u64> = cpu.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    let total: u64 = v.iter().take(8).sum();
+    let idle = v[3] + v[4];
+    Ok((total - idle, total))
+}
+
+fn broker_pid() -> Result<u32> {
+    let out = std::process::Command::new("pgrep").args(["-o", "beam.smp"]).output()?;
+    Ok(String::from_utf8(out.stdout)?.trim().parse()?)
+}
+
+/// Nanoseconds since the driver started, written in each command's body.
+fn stamp(start: Instant, size: usize) -> Vec<u8> {
+    let mut body = vec![b' '; size.max(8)];
+    body[..8].copy_from_slice(&(start.elapsed().as_nanos() as u64).to_le_bytes());
+    body
+}
+
+fn latency_us(start: Instant, body: &[u8]) -> Option<u64> {
+    let sent = u64::from_le_bytes(body.get(..8)?.try_into().ok()?);
+    Some((start.elapsed().as_nanos() as u64).saturating_sub(sent) / 1000)
+}
+
+/// What the driver's client half reports back.
+struct Received {
+    /// Round trips of commands sent after the warm-up, µs.
+    latencies: Vec<u64>,
+}
+
+async fn driver(client: Client, rate: u64, secs: u64, size: usize) -> Result<()> {
+    let tag = format!("hop.{}", std::process::id());
+    let (commands, replies) = (format!("{tag}.commands"), format!("{tag}.replies"));
+    lapin_side::declare(&commands, &replies).await?;
+    let exe = std::env::current_exe()?;
+    let mut echo = tokio::process::Command::new(exe)
+        .args(["echo", "--client", &format!("{client:?}").to_lowercase()])
+        .args(["--commands", &commands, "--replies", &replies])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let echo_pid = echo.id().context("echo pid")?;
+    {
+        use tokio::io::AsyncBufReadExt;
+        let out = echo.stdout.take().context("echo stdout")?;
+        let mut line = String::new();
+        tokio::io::BufReader::new(out).read_line(&mut line).await?;
+        if line.trim() != "ready" {
+            bail!("echo did not start: {line:?}");
+        }
+    }
+    let broker = broker_pid()?;
+    let me = std::process::id();
+    let start = Instant::now();
+    let total = rate * (WARMUP.as_secs() + secs);
+    let warm = rate * WARMUP.as_secs();
+
+    // Samples taken when the measured window opens and closes.
+    let (mark_tx, mark_rx) = tokio::sync::oneshot::channel::<[Usage; 3]>();
+    let marks = tokio::spawn(async move {
+        tokio::time::sleep(WARMUP).await;
+        let m0 = machine().ok();
+        let u0 = [usage(me), usage(echo_pid), usage(broker)];
+        tokio::time::sleep(Duration::from_secs(secs)).await;
+        let m1 = machine().ok();
+        let u1 = [usage(me), usage(echo_pid), usage(broker)];
+        let mut d = [Usage::default(); 3];
+        for i in 0..3 {
+            if let (Ok(a), Ok(b)) = (&u0[i], &u1[i]) {
+                d[i] = Usage {
+                    ticks: b.ticks - a.ticks,
+                    switches: b.switches - a.switches,
+                };
+            }
+        }
+        let _ = mark_tx.send(d);
+        m0.zip(m1)
+            .map(|((b0, t0), (b1, t1))| (b1 - b0) as f64 / (t1 - t0) as f64)
+    });
+
+    let received = match client {
+        Client::Lapin => lapin_side::drive(&commands, &replies, start, rate, total, warm, size).await?,
+        Client::Amqprs => amqprs_side::drive(&commands, &replies, start, rate, total, warm, size).await?,
+    };
+    let busy = marks.await?.unwrap_or(0.0);
+    let d = mark_rx.await?;
+    let _ = echo.kill().await;
+    lapin_side::delete(&commands, &replies).await?;
+
+    let mut l = received.latencies;
+    l.sort_unstable();
+    let q = |p: f64| {
+        l.get(((l.len() as f64 * p) as usize).min(l.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0) as f64
+            / 1000.0
+    };
+    let n = (rate * secs) as f64;
+    let per = |u: Usage| (u.ticks as f64 * 10.0 * 1000.0 / n, u.switches as f64 / n);
+    let (dc, ds) = per(d[0]);
+    let (ec, es) = per(d[1]);
+    let (bc, bs) = per(d[2]);
+    println!(
+        "{client:?} {rate}/s x {secs}s: {} round trips, p50 {:.2} p90 {:.2} p99 {:.2} max {:.2} ms | CPU us/round trip: driver {dc:.0}, echo {ec:.0}, broker {bc:.0}, sum {:.0} | switches/round trip: driver {ds:.1}, echo {es:.1}, broker {bs:.1} | machine {:.0}% busy",
+        l.len(),
+        q(0.5),
+        q(0.9),
+        q(0.99),
+        q(1.0),
+        dc + ec + bc,
+        busy * 100.0
+    );
+    Ok(())
+}
+
+mod lapin_side {
+    use super::*;
+    use futures::StreamExt;
+    use lapin::options::*;
+    use lapin::types::FieldTable;
+    use lapin::{BasicProperties, Connection, ConnectionProperties};
+
+    async fn connect() -> Result<Connection> {
+        Ok(Connection::connect(URL, ConnectionProperties::default()).await?)
+    }
+
+    pub async fn declare(commands: &str, replies: &str) -> Result<()> {
+        let conn = connect().await?;
+        let ch = conn.create_channel().await?;
+        for q in [commands, replies] {
+            let opts = QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            };
+            ch.queue_declare(q.into(), opts, FieldTable::default()).await?;
+        }
+        conn.close(200, "ok".into()).await?;
+        Ok(())
+    }
+
+    pub async fn delete(commands: &str, replies: &str) -> Result<()> {
+        let conn = connect().await?;
+        let ch = conn.create_channel().await?;
+        for q in [commands, replies] {
+            ch.queue_delete(q.into(), QueueDeleteOptions::default()).await?;
+        }
+        conn.close(200, "ok".into()).await?;
+        Ok(())
+    }
+
+    fn props() -> BasicProperties {
+        BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into())
+    }
+
+    /// Publishes in order, all at once (as Skald's `Publisher::send_all`),
+    /// and hands the confirms to a task.
+    async fn publish_all(ch: &lapin::Channel, queue: &str, bodies: Vec<Vec<u8>>) -> Result<()> {
+        let sends = bodies.iter().map(|b| {
+            ch.basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                b,
+                props(),
+            )
+        });
+        let confirms = futures::future::join_all(sends).await;
+        let mut pending = Vec::with_capacity(confirms.len());
+        for c in confirms {
+            pending.push(c?);
+        }
+        tokio::spawn(async move {
+            for c in pending {
+                match c.await {
+                    Ok(lapin::Confirmation::Ack(None)) => {}
+                    other => eprintln!("confirm: {other:?}"),
+                }
+            }
+        });
+        Ok(())
+    }
+
+    pub async fn echo(commands: &str, replies: &str) -> Result<()> {
+        let conn = connect().await?;
+        let cin = conn.create_channel().await?;
+        cin.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
+        let cout = conn.create_channel().await?;
+        cout.confirm_select(ConfirmSelectOptions::default()).await?;
+        let mut consumer = cin
+            .basic_consume(
+                commands.into(),
+                "echo".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        println!("ready");
+        let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel::<lapin::Acker>();
+        tokio::spawn(async move {
+            while let Some(acker) = ack_rx.recv().await {
+                let _ = acker.ack(BasicAckOptions { multiple: true }).await;
+            }
+        });
+        use futures::FutureExt;
+        while let Some(first) = consumer.next().await {
+            let mut batch = vec![first?];
+            while batch.len() < PREFETCH as usize {
+                match consumer.next().now_or_never() {
+                    Some(Some(d)) => batch.push(d?),
+                    _ => break,
+                }
+            }
+            let bodies = batch.iter().map(|d| d.data.clone()).collect();
+            publish_all(&cout, replies, bodies).await?;
+            if let Some(last) = batch.last() {
+                let _ = ack_tx.send(last.acker.clone());
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn drive(
+        commands: &str,
+        replies: &str,
+        start: Instant,
+        rate: u64,
+        total: u64,
+        warm: u64,
+        size: usize,
+    ) -> Result<Received> {
+        let conn = connect().await?;
+        let cin = conn.create_channel().await?;
+        cin.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
+        let cout = conn.create_channel().await?;
+        cout.confirm_select(ConfirmSelectOptions::default()).await?;
+        let mut consumer = cin
+            .basic_consume(
+                replies.into(),
+                "driver".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let commands = commands.to_owned();
+        let publisher = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(1));
+            let mut sent = 0u64;
+            while sent < total {
+                tick.tick().await;
+                let due = ((start.elapsed().as_secs_f64() * rate as f64) as u64).min(total);
+                let bodies: Vec<Vec<u8>> = (sent..due).map(|_| stamp(start, size)).collect();
+                sent = due;
+                if !bodies.is_empty() {
+                    publish_all(&cout, &commands, bodies).await?;
+                }
+            }
+            anyhow::Ok(())
+        });
+        let mut latencies = Vec::with_capacity(total as usize);
+        let mut got = 0u64;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(total / rate + 15);
+        use futures::FutureExt;
+        while got < total {
+            let first = tokio::time::timeout_at(deadline, consumer.next())
+                .await
+                .context("replies stopped coming")?
+                .context("consumer ended")??;
+            let mut batch = vec![first];
+            while let Some(Some(d)) = consumer.next().now_or_never() {
+                batch.push(d?);
+            }
+            for d in &batch {
+                if let Some(us) = latency_us(start, &d.data) {
+                    // Commands sent during the warm-up are not counted.
+                    if got >= warm {
+                        latencies.push(us);
+                    }
+                }
+                got += 1;
+            }
+            if let Some(last) = batch.last() {
+                last.acker.ack(BasicAckOptions { multiple: true }).await?;
+            }
+        }
+        publisher.await??;
+        Ok(Received { latencies })
+    }
+}
+
+mod amqprs_side {
+    use super::*;
+    use amqprs::callbacks::{ChannelCallback, DefaultConnectionCallback};
+    use amqprs::channel::{
+        BasicAckArguments, BasicConsumeArguments, BasicPublishArguments, BasicQosArguments, Channel,
+        ConfirmSelectArguments,
+    };
+    use amqprs::connection::{Connection, OpenConnectionArguments};
+    use amqprs::{Ack, BasicProperties, Cancel, CloseChannel, Nack, Return};
+
+    /// Counts confirms (Skald would resolve each message's wait here).
+    struct Confirms;
+
+    #[async_trait::async_trait]
+    impl ChannelCallback for Confirms {
+        async fn close(&mut self, _: &Channel, close: CloseChannel) -> std::result::Result<(), amqprs::error::Error> {
+            eprintln!("channel closed: {close}");
+            Ok(())
+        }
+        async fn cancel(&mut self, _: &Channel, _: Cancel) -> std::result::Result<(), amqprs::error::Error> {
+            Ok(())
+        }
+        async fn flow(&mut self, _: &Channel, active: bool) -> std::result::Result<bool, amqprs::error::Error> {
+            Ok(active)
+        }
+        async fn publish_ack(&mut self, _: &Channel, _: Ack) {}
+        async fn publish_nack(&mut self, _: &Channel, nack: Nack) {
+            eprintln!("nack {}", nack.delivery_tag());
+        }
+        async fn publish_return(&mut self, _: &Channel, ret: Return, _: BasicProperties, _: Vec<u8>) {
+            eprintln!("returned: {ret}");
+        }
+    }
+
+    async fn connect(name: &str) -> Result<Connection> {
+        let args = OpenConnectionArguments::new("127.0.0.1", 5672, "guest", "guest")
+            .connection_name(name)
+            .finish();
+        let conn = Connection::open(&args).await?;
+        conn.register_callback(DefaultConnectionCallback).await?;
+        Ok(conn)
+    }
+
+    async fn channels(conn: &Connection) -> Result<(Channel, Channel)> {
+        let cin = conn.open_channel(None).await?;
+        cin.basic_qos(BasicQosArguments::new(0, PREFETCH, false)).await?;
+        let cout = conn.open_channel(None).await?;
+        cout.register_callback(Confirms).await?;
+        cout.confirm_select(ConfirmSelectArguments::new(false)).await?;
+        Ok((cin, cout))
+    }
+
+    fn props() -> BasicProperties {
+        BasicProperties::default()
+            .with_delivery_mode(amqprs::DELIVERY_MODE_PERSISTENT)
+            .with_content_type("application/json")
+            .finish()
+    }
+
+    async fn publish_all(ch: &Channel, queue: &str, bodies: Vec<Vec<u8>>) -> Result<()> {
+        for b in bodies {
+            let args = BasicPublishArguments::new("", queue).mandatory(true).finish();
+            ch.basic_publish(props(), b, args).await?;
+        }
+        Ok(())
+    }
+
+    pub async fn echo(commands: &str, replies: &str) -> Result<()> {
+        let conn = connect("echo").await?;
+        let (cin, cout) = channels(&conn).await?;
+        let (_, mut rx) = cin
+            .basic_consume_rx(BasicConsumeArguments::new(commands, "echo").manual_ack(true).finish())
+            .await?;
+        println!("ready");
+        while let Some(first) = rx.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < PREFETCH as usize {
+                match rx.try_recv() {
+                    Ok(m) => batch.push(m),
+                    Err(_) => break,
+                }
+            }
+            let mut last = 0;
+            let mut bodies = Vec::with_capacity(batch.len());
+            for m in batch {
+                last = m.deliver.as_ref().map_or(last, |d| d.delivery_tag());
+                bodies.push(m.content.unwrap_or_default());
+            }
+            publish_all(&cout, replies, bodies).await?;
+            cin.basic_ack(BasicAckArguments::new(last, true)).await?;
+        }
+        Ok(())
+    }
+
+    pub async fn drive(
+        commands: &str,
+        replies: &str,
+        start: Instant,
+        rate: u64,
+        total: u64,
+        warm: u64,
+        size: usize,
+    ) -> Result<Received> {
+        let conn = connect("driver").await?;
+        let (cin, cout) = channels(&conn).await?;
+        let (_, mut rx) = cin
+            .basic_consume_rx(BasicConsumeArguments::new(replies, "driver").manual_ack(true).finish())
+            .await?;
+        let commands = commands.to_owned();
+        let publisher = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(1));
+            let mut sent = 0u64;
+            while sent < total {
+                tick.tick().await;
+                let due = ((start.elapsed().as_secs_f64() * rate as f64) as u64).min(total);
+                let bodies: Vec<Vec<u8>> = (sent..due).map(|_| stamp(start, size)).collect();
+                sent = due;
+                publish_all(&cout, &commands, bodies).await?;
+            }
+            anyhow::Ok(cout)
+        });
+        let mut latencies = Vec::with_capacity(total as usize);
+        let mut got = 0u64;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(total / rate + 15);
+        while got < total {
+            let first = tokio::time::timeout_at(deadline, rx.recv())
+                .await
+                .context("replies stopped coming")?
+                .context("consumer ended")?;
+            let mut batch = vec![first];
+            while let Ok(m) = rx.try_recv() {
+                batch.push(m);
+            }
+            let mut last = 0;
+            for m in &batch {
+                if let Some(us) = m.content.as_deref().and_then(|b| latency_us(start, b))
+                    && got >= warm {
+                        latencies.push(us);
+                    }
+                last = m.deliver.as_ref().map_or(last, |d| d.delivery_tag());
+                got += 1;
+            }
+            cin.basic_ack(BasicAckArguments::new(last, true)).await?;
+        }
+        let _cout = publisher.await??;
+        Ok(Received { latencies })
+    }
+}

@@ -44,6 +44,9 @@ enum Role {
         #[arg(long, default_value_t = 400)]
         size: usize,
     },
+    /// Checks what a port of Skald to amqprs relies on (returns, nacks,
+    /// passive declares, a connection closed by the broker).
+    Probe,
     Echo {
         #[arg(long, value_enum)]
         client: Client,
@@ -70,6 +73,10 @@ fn main() -> Result<()> {
             .enable_all()
             .build()?
             .block_on(driver(client, rate, secs, size)),
+        Role::Probe => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(amqprs_side::probe()),
         Role::Echo {
             client,
             commands,
@@ -546,9 +553,10 @@ mod amqprs_side {
             let mut last = 0;
             for m in &batch {
                 if let Some(us) = m.content.as_deref().and_then(|b| latency_us(start, b))
-                    && got >= warm {
-                        latencies.push(us);
-                    }
+                    && got >= warm
+                {
+                    latencies.push(us);
+                }
                 last = m.deliver.as_ref().map_or(last, |d| d.delivery_tag());
                 got += 1;
             }
@@ -556,5 +564,140 @@ mod amqprs_side {
         }
         let _cout = publisher.await??;
         Ok(Received { latencies })
+    }
+
+    /// Logs every confirm, return and close it is told of.
+    struct Logging(&'static str);
+
+    #[async_trait::async_trait]
+    impl ChannelCallback for Logging {
+        async fn close(&mut self, _: &Channel, close: CloseChannel) -> std::result::Result<(), amqprs::error::Error> {
+            println!("[{}] channel close from the broker: {close}", self.0);
+            Ok(())
+        }
+        async fn cancel(&mut self, _: &Channel, c: Cancel) -> std::result::Result<(), amqprs::error::Error> {
+            println!("[{}] consumer cancelled: {}", self.0, c.consumer_tag());
+            Ok(())
+        }
+        async fn flow(&mut self, _: &Channel, active: bool) -> std::result::Result<bool, amqprs::error::Error> {
+            Ok(active)
+        }
+        async fn publish_ack(&mut self, _: &Channel, ack: Ack) {
+            println!("[{}] ack tag {} multiple {}", self.0, ack.delivery_tag(), ack.mutiple());
+        }
+        async fn publish_nack(&mut self, _: &Channel, nack: Nack) {
+            println!(
+                "[{}] nack tag {} multiple {}",
+                self.0,
+                nack.delivery_tag(),
+                nack.multiple()
+            );
+        }
+        async fn publish_return(&mut self, _: &Channel, ret: Return, props: BasicProperties, _: Vec<u8>) {
+            println!("[{}] returned: {ret}, message_id {:?}", self.0, props.message_id());
+        }
+    }
+
+    pub async fn probe() -> Result<()> {
+        use amqprs::channel::{QueueDeclareArguments, QueueDeleteArguments};
+        let conn = connect("probe").await?;
+        let ch = conn.open_channel(None).await?;
+        ch.register_callback(Logging("publisher")).await?;
+        ch.confirm_select(ConfirmSelectArguments::new(false)).await?;
+        let q = format!("probe.{}", std::process::id());
+        ch.queue_declare(QueueDeclareArguments::durable_client_named(&q))
+            .await?;
+
+        println!("-- 1. three routed messages, then one to a queue that does not exist (mandatory)");
+        for (i, key) in [&q, &q, &q, &"nowhere".to_owned()].iter().enumerate() {
+            let props = BasicProperties::default()
+                .with_message_id(&format!("m{}", i + 1))
+                .with_delivery_mode(amqprs::DELIVERY_MODE_PERSISTENT)
+                .finish();
+            let args = BasicPublishArguments::new("", key).mandatory(true).finish();
+            ch.basic_publish(props, b"x".to_vec(), args).await?;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+
+        println!("-- 2. a passive declare of a missing queue, on its own channel");
+        let side = conn.open_channel(None).await?;
+        side.register_callback(Logging("side")).await?;
+        let res = side
+            .queue_declare(QueueDeclareArguments::new("no.such.queue").passive(true).finish())
+            .await;
+        println!(
+            "passive declare: {res:?}; side channel open afterwards: {}",
+            side.is_open()
+        );
+        let res = ch
+            .queue_declare(QueueDeclareArguments::new(&q).passive(true).finish())
+            .await;
+        println!("passive declare of {q}: {res:?}");
+
+        println!("-- 3. a consumer, then the broker closes the connection");
+        let cin = conn.open_channel(None).await?;
+        let (_, mut rx) = cin
+            .basic_consume_rx(BasicConsumeArguments::new(&q, "probe").manual_ack(true).finish())
+            .await?;
+        for _ in 0..3 {
+            let m = rx.recv().await.context("no delivery")?;
+            println!("delivery tag {:?}", m.deliver.as_ref().map(|d| d.delivery_tag()));
+        }
+        let io_failure = conn.listen_network_io_failure();
+        let killed = tokio::process::Command::new("rabbitmqctl")
+            .args(["close_connection", "--help"])
+            .output()
+            .await;
+        let _ = killed;
+        // Close it through the management CLI, by the connection's pid.
+        let list = tokio::process::Command::new("rabbitmqctl")
+            .args([
+                "list_connections",
+                "pid",
+                "client_properties",
+                "--quiet",
+                "--no-table-headers",
+            ])
+            .output()
+            .await?;
+        let text = String::from_utf8_lossy(&list.stdout);
+        let pid = text
+            .lines()
+            .find(|l| l.contains("probe"))
+            .and_then(|l| l.split_whitespace().next())
+            .context("connection not listed")?
+            .to_owned();
+        let out = tokio::process::Command::new("rabbitmqctl")
+            .args(["close_connection", &pid, "probe closes it"])
+            .output()
+            .await?;
+        println!("close_connection: {}", String::from_utf8_lossy(&out.stdout).trim());
+        let t = Instant::now();
+        let next = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
+        println!(
+            "consumer after the close: {:?} after {:?}",
+            next.map(|m| m.is_some()),
+            t.elapsed()
+        );
+        let failed = tokio::time::timeout(Duration::from_secs(5), io_failure).await;
+        println!(
+            "listen_network_io_failure: {failed:?}; connection open {}, channels open {} {}",
+            conn.is_open(),
+            ch.is_open(),
+            cin.is_open()
+        );
+        let props = BasicProperties::default().finish();
+        let res = ch
+            .basic_publish(props, b"x".to_vec(), BasicPublishArguments::new("", &q).finish())
+            .await;
+        println!("publish after the close: {res:?}");
+        let res = cin.basic_ack(BasicAckArguments::new(1, true)).await;
+        println!("ack after the close: {res:?}");
+
+        let conn = connect("probe-cleanup").await?;
+        let ch = conn.open_channel(None).await?;
+        ch.queue_delete(QueueDeleteArguments::new(&q)).await?;
+        conn.close().await?;
+        Ok(())
     }
 }

@@ -147,10 +147,70 @@ fn latency_us(start: Instant, body: &[u8]) -> Option<u64> {
     Some((start.elapsed().as_nanos() as u64).saturating_sub(sent) / 1000)
 }
 
-/// What the driver's client half reports back.
-struct Received {
-    /// Round trips of commands sent after the warm-up, µs.
+/// What the driver's client half runs, the same for both clients: the
+/// queues, the pace of the commands and the tally of the replies.
+struct Plan {
+    commands: String,
+    replies: String,
+    start: Instant,
+    rate: u64,
+    /// Commands to send, warm-up included.
+    total: u64,
+    /// Commands of the warm-up, whose replies are not counted.
+    warm: u64,
+    size: usize,
+}
+
+impl Plan {
+    /// Sends every command on time: `publish` gets, each millisecond, the
+    /// bodies then due (none once all are sent).
+    async fn pace<F, Fut>(&self, mut publish: F) -> Result<()>
+    where
+        F: FnMut(Vec<Vec<u8>>) -> Fut,
+        Fut: std::future::Future<Output = Result<()>>,
+    {
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        let mut sent = 0u64;
+        while sent < self.total {
+            tick.tick().await;
+            let due = ((self.start.elapsed().as_secs_f64() * self.rate as f64) as u64).min(self.total);
+            let bodies: Vec<Vec<u8>> = (sent..due).map(|_| stamp(self.start, self.size)).collect();
+            sent = due;
+            if !bodies.is_empty() {
+                publish(bodies).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// When the driver stops waiting for replies.
+    fn deadline(&self) -> tokio::time::Instant {
+        tokio::time::Instant::now() + Duration::from_secs(self.total / self.rate + 15)
+    }
+}
+
+/// The replies received so far, and the round trips of those after the warm-up (µs).
+struct Tally {
+    got: u64,
     latencies: Vec<u64>,
+}
+
+impl Tally {
+    fn new(plan: &Plan) -> Self {
+        Self {
+            got: 0,
+            latencies: Vec::with_capacity(plan.total as usize),
+        }
+    }
+
+    fn record(&mut self, plan: &Plan, body: Option<&[u8]>) {
+        if let Some(us) = body.and_then(|b| latency_us(plan.start, b))
+            && self.got >= plan.warm
+        {
+            self.latencies.push(us);
+        }
+        self.got += 1;
+    }
 }
 
 async fn driver(client: Client, rate: u64, secs: u64, size: usize) -> Result<()> {
@@ -203,9 +263,18 @@ async fn driver(client: Client, rate: u64, secs: u64, size: usize) -> Result<()>
             .map(|((b0, t0), (b1, t1))| (b1 - b0) as f64 / (t1 - t0) as f64)
     });
 
+    let plan = std::sync::Arc::new(Plan {
+        commands: commands.clone(),
+        replies: replies.clone(),
+        start,
+        rate,
+        total,
+        warm,
+        size,
+    });
     let received = match client {
-        Client::Lapin => lapin_side::drive(&commands, &replies, start, rate, total, warm, size).await?,
-        Client::Amqprs => amqprs_side::drive(&commands, &replies, start, rate, total, warm, size).await?,
+        Client::Lapin => lapin_side::drive(plan).await?,
+        Client::Amqprs => amqprs_side::drive(plan).await?,
     };
     let busy = marks.await?.unwrap_or(0.0);
     let d = mark_rx.await?;
@@ -349,15 +418,7 @@ mod lapin_side {
         Ok(())
     }
 
-    pub async fn drive(
-        commands: &str,
-        replies: &str,
-        start: Instant,
-        rate: u64,
-        total: u64,
-        warm: u64,
-        size: usize,
-    ) -> Result<Received> {
+    pub async fn drive(plan: std::sync::Arc<Plan>) -> Result<Tally> {
         let conn = connect().await?;
         let cin = conn.create_channel().await?;
         cin.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
@@ -365,32 +426,22 @@ mod lapin_side {
         cout.confirm_select(ConfirmSelectOptions::default()).await?;
         let mut consumer = cin
             .basic_consume(
-                replies.into(),
+                plan.replies.as_str().into(),
                 "driver".into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
             .await?;
-        let commands = commands.to_owned();
+        let pacing = plan.clone();
         let publisher = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(1));
-            let mut sent = 0u64;
-            while sent < total {
-                tick.tick().await;
-                let due = ((start.elapsed().as_secs_f64() * rate as f64) as u64).min(total);
-                let bodies: Vec<Vec<u8>> = (sent..due).map(|_| stamp(start, size)).collect();
-                sent = due;
-                if !bodies.is_empty() {
-                    publish_all(&cout, &commands, bodies).await?;
-                }
-            }
-            anyhow::Ok(())
+            let cout = &cout;
+            let queue = pacing.commands.as_str();
+            pacing.pace(|bodies| publish_all(cout, queue, bodies)).await
         });
-        let mut latencies = Vec::with_capacity(total as usize);
-        let mut got = 0u64;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(total / rate + 15);
+        let mut tally = Tally::new(&plan);
+        let deadline = plan.deadline();
         use futures::FutureExt;
-        while got < total {
+        while tally.got < plan.total {
             let first = tokio::time::timeout_at(deadline, consumer.next())
                 .await
                 .context("replies stopped coming")?
@@ -400,20 +451,14 @@ mod lapin_side {
                 batch.push(d?);
             }
             for d in &batch {
-                if let Some(us) = latency_us(start, &d.data) {
-                    // Commands sent during the warm-up are not counted.
-                    if got >= warm {
-                        latencies.push(us);
-                    }
-                }
-                got += 1;
+                tally.record(&plan, Some(&d.data));
             }
             if let Some(last) = batch.last() {
                 last.acker.ack(BasicAckOptions { multiple: true }).await?;
             }
         }
         publisher.await??;
-        Ok(Received { latencies })
+        Ok(tally)
     }
 }
 
@@ -511,37 +556,25 @@ mod amqprs_side {
         Ok(())
     }
 
-    pub async fn drive(
-        commands: &str,
-        replies: &str,
-        start: Instant,
-        rate: u64,
-        total: u64,
-        warm: u64,
-        size: usize,
-    ) -> Result<Received> {
+    pub async fn drive(plan: std::sync::Arc<Plan>) -> Result<Tally> {
         let conn = connect("driver").await?;
         let (cin, cout) = channels(&conn).await?;
         let (_, mut rx) = cin
-            .basic_consume_rx(BasicConsumeArguments::new(replies, "driver").manual_ack(true).finish())
+            .basic_consume_rx(
+                BasicConsumeArguments::new(&plan.replies, "driver")
+                    .manual_ack(true)
+                    .finish(),
+            )
             .await?;
-        let commands = commands.to_owned();
+        let pacing = plan.clone();
         let publisher = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(1));
-            let mut sent = 0u64;
-            while sent < total {
-                tick.tick().await;
-                let due = ((start.elapsed().as_secs_f64() * rate as f64) as u64).min(total);
-                let bodies: Vec<Vec<u8>> = (sent..due).map(|_| stamp(start, size)).collect();
-                sent = due;
-                publish_all(&cout, &commands, bodies).await?;
-            }
-            anyhow::Ok(cout)
+            let cout = &cout;
+            let queue = pacing.commands.as_str();
+            pacing.pace(|bodies| publish_all(cout, queue, bodies)).await
         });
-        let mut latencies = Vec::with_capacity(total as usize);
-        let mut got = 0u64;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(total / rate + 15);
-        while got < total {
+        let mut tally = Tally::new(&plan);
+        let deadline = plan.deadline();
+        while tally.got < plan.total {
             let first = tokio::time::timeout_at(deadline, rx.recv())
                 .await
                 .context("replies stopped coming")?
@@ -552,18 +585,13 @@ mod amqprs_side {
             }
             let mut last = 0;
             for m in &batch {
-                if let Some(us) = m.content.as_deref().and_then(|b| latency_us(start, b))
-                    && got >= warm
-                {
-                    latencies.push(us);
-                }
+                tally.record(&plan, m.content.as_deref());
                 last = m.deliver.as_ref().map_or(last, |d| d.delivery_tag());
-                got += 1;
             }
             cin.basic_ack(BasicAckArguments::new(last, true)).await?;
         }
-        let _cout = publisher.await??;
-        Ok(Received { latencies })
+        publisher.await??;
+        Ok(tally)
     }
 
     /// Logs every confirm, return and close it is told of.
